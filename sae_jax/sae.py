@@ -1,0 +1,181 @@
+"""The SAE itself: a static spec, a pytree of params, and pure encode/decode.
+
+Shapes: `D` model width, `N` latents, `K` active latents (topk). Params follow
+the math, not `torch.nn.Linear`: `W_enc [D, N]`, `W_dec [N, D]`.
+
+The release (`qresearch/Llama-3.2-1B-Instruct-SAE-l9`) is the `relu`
+architecture exactly: `f = relu(x @ W_enc + b_enc)`, `x_hat = f @ W_dec + b_dec`,
+with no decoder bias subtracted from the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Architecture = Literal["relu", "topk"]
+Site = Literal["input", "output"]
+ARCHITECTURES = ("relu", "topk")
+SITES = ("input", "output")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAESpec:
+    """Everything about an SAE that is not a weight. Hashable, so jit-static."""
+
+    architecture: Architecture
+    d_in: int  # D, the model's hidden size
+    n_latents: int  # N
+    k: int | None = None  # active latents, topk only
+    hook_layer: int = 9  # decoder layer whose residual the SAE reads
+    hook_site: Site = "input"  # "input": entering the layer (the notebook's hook)
+    dtype: str = "float32"  # storage dtype of the params
+    input_scale: float = 1.0  # raw activations are multiplied by this before encoding
+    source: str = ""  # where the weights came from (a path, a run directory)
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture: expected one of {ARCHITECTURES}, found {self.architecture!r}")
+        if self.d_in <= 0 or self.n_latents <= 0:
+            raise ValueError(f"d_in, n_latents: expected positive, found {self.d_in}, {self.n_latents}")
+        if self.architecture == "topk":
+            if self.k is None or not 0 < self.k <= self.n_latents:
+                raise ValueError(f"k: expected 1 <= k <= n_latents={self.n_latents}, found {self.k}")
+        if self.hook_site not in SITES:
+            raise ValueError(f"hook_site: expected one of {SITES}, found {self.hook_site!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, found {self.dtype!r}")
+        if not (self.input_scale > 0 and math.isfinite(self.input_scale)):
+            raise ValueError(f"input_scale: expected a finite positive number, found {self.input_scale}")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The one description of every param's shape."""
+        D, N = self.d_in, self.n_latents
+        return {"W_enc": (D, N), "b_enc": (N,), "W_dec": (N, D), "b_dec": (D,)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SAEParams:
+    W_enc: jax.Array  # [D, N]
+    b_enc: jax.Array  # [N]
+    W_dec: jax.Array  # [N, D]
+    b_dec: jax.Array  # [D]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SAE:
+    """Params plus their spec; the spec rides through jit as static metadata."""
+
+    params: SAEParams
+    spec: SAESpec = dataclasses.field(metadata=dict(static=True))
+
+
+class Forward(tuple):
+    """(x_hat, f, pre): reconstruction [.., D], codes [.., N], pre-activations [.., N]."""
+
+    __slots__ = ()
+
+    def __new__(cls, x_hat, f, pre):
+        return super().__new__(cls, (x_hat, f, pre))
+
+    x_hat = property(lambda s: s[0])
+    f = property(lambda s: s[1])
+    pre = property(lambda s: s[2])
+
+
+jax.tree_util.register_pytree_node(Forward, lambda t: (tuple(t), None), lambda _, c: Forward(*c))
+
+
+def check_params(params: SAEParams, spec: SAESpec, where: str = "params") -> None:
+    """Raise a one-line ValueError if any param's shape contradicts the spec."""
+    for name, shape in spec.shapes().items():
+        found = tuple(getattr(params, name).shape)
+        if found != shape:
+            raise ValueError(f"{where}: {name} expected shape {list(shape)}, found {list(found)}")
+
+
+def init_params(key: jax.Array, spec: SAESpec, dec_norm: float = 0.1) -> SAEParams:
+    """April-2024 init: decoder rows random directions of norm `dec_norm`, encoder their transpose, zero biases."""
+    D, N = spec.d_in, spec.n_latents
+    W_dec = jax.random.normal(key, (N, D), jnp.float32)
+    W_dec = dec_norm * W_dec / jnp.linalg.norm(W_dec, axis=1, keepdims=True)
+    return SAEParams(
+        W_enc=W_dec.T,
+        b_enc=jnp.zeros((N,), jnp.float32),
+        W_dec=W_dec,
+        b_dec=jnp.zeros((D,), jnp.float32),
+    )
+
+
+def pre_activations(params: SAEParams, spec: SAESpec, x: jax.Array) -> jax.Array:
+    """x: [..., D] raw activations -> [..., N] encoder pre-activations, float32."""
+    x = x.astype(jnp.float32) * spec.input_scale
+    return x @ params.W_enc.astype(jnp.float32) + params.b_enc.astype(jnp.float32)
+
+
+def activate(spec: SAESpec, pre: jax.Array) -> jax.Array:
+    """pre: [..., N] -> f: [..., N]. relu, or relu of the k largest (ties broken by index)."""
+    if spec.architecture == "relu":
+        return jax.nn.relu(pre)
+    vals, idx = jax.lax.top_k(pre, spec.k)
+    return jnp.put_along_axis(jnp.zeros_like(pre), idx, jax.nn.relu(vals), axis=-1, inplace=False)
+
+
+def decode_params(params: SAEParams, spec: SAESpec, f: jax.Array) -> jax.Array:
+    """f: [..., N] -> x_hat: [..., D] in raw activation units, float32."""
+    x_hat = f.astype(jnp.float32) @ params.W_dec.astype(jnp.float32) + params.b_dec.astype(jnp.float32)
+    return x_hat / spec.input_scale
+
+
+def forward_params(params: SAEParams, spec: SAESpec, x: jax.Array) -> Forward:
+    pre = pre_activations(params, spec, x)
+    f = activate(spec, pre)
+    return Forward(decode_params(params, spec, f), f, pre)
+
+
+def encode(sae: SAE, x: jax.Array) -> jax.Array:
+    """x: [..., D] -> f: [..., N] (float32)."""
+    return activate(sae.spec, pre_activations(sae.params, sae.spec, x))
+
+
+def decode(sae: SAE, f: jax.Array) -> jax.Array:
+    """f: [..., N] -> x_hat: [..., D] (float32)."""
+    return decode_params(sae.params, sae.spec, f)
+
+
+def forward(sae: SAE, x: jax.Array) -> Forward:
+    """x: [..., D] -> Forward(x_hat [..., D], f [..., N], pre [..., N])."""
+    return forward_params(sae.params, sae.spec, x)
+
+
+def fold_input_scale(sae: SAE) -> SAE:
+    """The same function of raw activations with `input_scale` folded into the weights (scale 1)."""
+    c = sae.spec.input_scale
+    p = sae.params
+    dt = jnp.dtype(sae.spec.dtype)
+    folded = SAEParams(
+        W_enc=(p.W_enc.astype(jnp.float32) * c).astype(dt),
+        b_enc=p.b_enc.astype(dt),
+        W_dec=(p.W_dec.astype(jnp.float32) / c).astype(dt),
+        b_dec=(p.b_dec.astype(jnp.float32) / c).astype(dt),
+    )
+    return SAE(folded, dataclasses.replace(sae.spec, input_scale=1.0))
+
+
+def cast(sae: SAE, dtype: str) -> SAE:
+    """Store the params in `dtype` (one of DTYPES)."""
+    spec = dataclasses.replace(sae.spec, dtype=dtype)
+    return SAE(jax.tree.map(lambda a: a.astype(jnp.dtype(dtype)), sae.params), spec)
+
+
+def explained_variance(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+    """The notebook's formula over all elements: 1 - mean((x_hat - x)^2) / var(x)."""
+    x = x.astype(jnp.float32)
+    return 1.0 - jnp.mean((x_hat.astype(jnp.float32) - x) ** 2) / jnp.var(x)
