@@ -1,0 +1,86 @@
+"""Our own format: a directory with `spec.json` and `params/`, an orbax checkpoint.
+
+`spec.json` holds every SAESpec field plus `format_version`; `params/` holds
+`{W_enc, b_enc, W_dec, b_dec}` in `spec.dtype`. The spec is kept as is,
+`input_scale` included: the SAE still takes raw activations, and the scale is
+folded only when exporting to formats that cannot record it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from sae_jax.formats.common import PARAM_NAMES, SAEFormatError, check_finite, error, first_line, make_spec, with_hook
+from sae_jax.sae import SAE, SAEParams, SAESpec, Site
+
+SPEC = "spec.json"
+PARAMS = "params"
+FORMAT_VERSION = 1
+_FIELDS = {f.name for f in dataclasses.fields(SAESpec)}
+
+
+def write_jax(sae: SAE, folder: Path) -> None:
+    """Write `spec.json` and `params/` into the existing empty `folder`."""
+    spec = {"format_version": FORMAT_VERSION, **dataclasses.asdict(sae.spec)}
+    (folder / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    params = {name: getattr(sae.params, name) for name in PARAM_NAMES}
+    with ocp.StandardCheckpointer() as ckptr:  # leaving the block waits for the async write
+        ckptr.save((folder / PARAMS).absolute(), params)
+
+
+def load_jax(folder: Path, hook_layer: int | None = None, hook_site: Site | None = None) -> SAE:
+    """A directory written by write_jax -> SAE exactly as saved (hook replaced where given)."""
+    spec = _read_spec(folder / SPEC)
+    if not spec.source:
+        spec = dataclasses.replace(spec, source=str(folder))
+    spec = with_hook(folder / SPEC, spec, hook_layer, hook_site)
+    params_dir = (folder / PARAMS).absolute()
+    if not params_dir.is_dir():
+        raise error(folder, PARAMS, "an orbax checkpoint directory", "none")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            _check_stored(params_dir, ckptr.metadata(params_dir).item_metadata.tree, spec)
+            target = {n: jax.ShapeDtypeStruct(s, jnp.dtype(spec.dtype)) for n, s in spec.shapes().items()}
+            restored = ckptr.restore(params_dir, target)
+    except SAEFormatError:
+        raise
+    except Exception as e:  # orbax and tensorstore raise many types for damaged checkpoints
+        raise SAEFormatError(f"{params_dir}: unreadable orbax checkpoint ({first_line(e)})") from None
+    for name in PARAM_NAMES:
+        check_finite(params_dir, name, jax.device_get(restored[name]))
+    return SAE(SAEParams(**{n: restored[n] for n in PARAM_NAMES}), spec)
+
+
+def _read_spec(path: Path) -> SAESpec:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SAEFormatError(f"{path}: unreadable JSON ({first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise error(path, "top level", "a JSON object", type(raw).__name__)
+    version = raw.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise error(path, "format_version", str(FORMAT_VERSION), json.dumps(version))
+    for key in raw:
+        if key not in _FIELDS:
+            raise error(path, key, f"only SAESpec fields {sorted(_FIELDS)}", f"extra key {key!r}")
+    return make_spec(path, **raw)
+
+
+def _check_stored(params_dir: Path, stored: dict, spec: SAESpec) -> None:
+    """Compare the checkpoint's own metadata with the spec before orbax casts or pads anything."""
+    shapes = spec.shapes()
+    for name in sorted(set(shapes) | set(stored)):
+        if name not in stored or name not in shapes:
+            raise error(params_dir, name, f"arrays {sorted(shapes)}", f"arrays {sorted(stored)}")
+        found_shape, found_dtype = tuple(stored[name].shape), jnp.dtype(stored[name].dtype).name
+        if found_shape != shapes[name]:
+            raise error(params_dir, name, f"shape {list(shapes[name])} from {SPEC}", list(found_shape))
+        if found_dtype != spec.dtype:
+            raise error(params_dir, name, f"dtype {spec.dtype} from {SPEC}", found_dtype)
