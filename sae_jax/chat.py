@@ -1,0 +1,73 @@
+"""Llama-3 Instruct chat formatting, token by token, with who said each token.
+
+`format_chat` builds the ids of
+`<|begin_of_text|>` + per turn `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content|trim}<|eot_id|>`
+from segments: special tokens split the rendered string, so tokenizing each
+piece between them gives exactly the ids `tokenizer.apply_chat_template`
+gives for the whole string (tested), and the turn of every token is known.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+from sae_jax.tokenizer import special_ids
+
+ROLES = ("system", "user", "assistant")  # role id = index here
+FRAME = -1  # role id of BOS, header, role-name, "\n\n" and eot tokens
+
+
+class ChatTokens(NamedTuple):
+    """One formatted conversation; all three lists have length T."""
+
+    input_ids: list[int]  # [T]
+    roles: list[int]  # [T] ROLES index of the message content a token belongs to, FRAME otherwise
+    special: list[bool]  # [T] True where the id is a special token (BOS, header ids, eot, ...)
+
+    def mask(self, role: str) -> list[bool]:
+        """[T] True on the content tokens of `role`'s messages."""
+        r = ROLES.index(role)
+        return [x == r for x in self.roles]
+
+
+def _special_id(tokenizer, token: str) -> int:
+    i = tokenizer.convert_tokens_to_ids(token)
+    if i is None or i == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(i) != token:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r}: no special token {token}; not a Llama-3 tokenizer")
+    return i
+
+
+def format_chat(tokenizer, conversation: Sequence[dict], add_generation_prompt: bool = False) -> ChatTokens:
+    """Token ids of `conversation` ([{role, content}, ...]) in the Llama-3 Instruct format."""
+    start, end, eot = (_special_id(tokenizer, t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    turns = [_check_turn(m, i) for i, m in enumerate(conversation)]
+    if add_generation_prompt:
+        turns.append(("assistant", None))  # the header and "\n\n", no content, no eot
+    if not turns:
+        return ChatTokens([], [], [])
+    texts = [t for role, content in turns for t in (role, "\n\n" + (content or "").strip())]
+    pieces = tokenizer(["\n\n", *texts], add_special_tokens=False)["input_ids"]
+    newline, pieces = pieces[0], pieces[1:]
+    ids, roles = [tokenizer.bos_token_id], [FRAME]
+    for k, (role, content) in enumerate(turns):
+        name, body = pieces[2 * k], pieces[2 * k + 1]
+        n_frame = len(newline) if body[: len(newline)] == newline else 0
+        ids += [start, *name, end, *body]
+        roles += [FRAME] * (len(name) + 2 + n_frame) + [ROLES.index(role)] * (len(body) - n_frame)
+        if content is not None:
+            ids.append(eot)
+            roles.append(FRAME)
+    specials = special_ids(tokenizer)
+    return ChatTokens(ids, roles, [i in specials for i in ids])
+
+
+def _check_turn(message, i: int) -> tuple[str, str]:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise ValueError(f"conversation[{i}]: expected a {{role, content}} mapping, found {message!r:.80}")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise ValueError(f"conversation[{i}].role: expected one of {ROLES}, found {role!r}")
+    if not isinstance(content, str):
+        raise ValueError(f"conversation[{i}].content: expected a string, found {type(content).__name__}")
+    return role, content
+
