@@ -1,0 +1,23 @@
+"""Llama-3 in Flax NNX, read straight from Hugging Face checkpoints.
+
+    model = load("path/to/Llama-3.2-1B-Instruct")          # or dtype="bfloat16"
+    x = residual(model, input_ids, 9)                       # [B, T, D], entering layer 9
+    y = logits(model, input_ids, attention_mask=mask)       # [B, T, V] float32
+"""
+
+from sae_jax.llama.config import LlamaConfig, LlamaLoadError, RopeScaling, load_config
+from sae_jax.llama.load import load
+from sae_jax.llama.model import Llama, logits, residual
+from sae_jax.llama.tiny import write_tiny_checkpoint
+
+__all__ = [
+    "Llama",
+    "LlamaConfig",
+    "LlamaLoadError",
+    "RopeScaling",
+    "load",
+    "load_config",
+    "logits",
+    "residual",
+    "write_tiny_checkpoint",
+]
