@@ -141,14 +141,14 @@ class Llama(nnx.Module):
 
         Layers past `num_layers` are never called, so they cost nothing.
         """
-        positions, mask = inputs(input_ids, attention_mask, positions)
+        positions, mask = positions_and_mask(input_ids, attention_mask, positions)
         x = self.embed_tokens(input_ids)
         for block in self.layers[: self.config.num_layers if num_layers is None else num_layers]:
             x = block(x, positions, mask)
         return x
 
 
-def inputs(input_ids: jax.Array, attention_mask=None, positions=None) -> tuple[jax.Array, jax.Array]:
+def positions_and_mask(input_ids: jax.Array, attention_mask=None, positions=None) -> tuple[jax.Array, jax.Array]:
     """(positions [B, T], mask [B|1, T, T] bool) for a forward without a cache.
 
     The causal mask is built for the T tokens at hand only. `attention_mask`
