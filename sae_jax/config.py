@@ -1,0 +1,305 @@
+"""Typed run configuration: YAML in, frozen dataclasses out, every error one line.
+
+Each field is documented where it is declared (`help=`); that text is also the
+CLI's `--help-config`. A wrong key, type or value raises `ConfigError` naming
+the key path before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key path, what was expected and what was found."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with a default and its documentation."""
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: _copy(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _copy(x):
+    return dataclasses.replace(x) if dataclasses.is_dataclass(x) else type(x)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+    architecture: Literal["relu", "topk"] = opt("relu", "'relu' (the release: relu(x W_enc + b_enc)) or 'topk' (keep the k largest).")
+    d_in: int = opt(2048, "D, the width of the activations (Llama-3.2-1B: 2048).")
+    expansion: int = opt(16, "N = expansion * D latents (release: 16, so N = 32768).")
+    k: int | None = opt(None, "Active latents per token for 'topk'; must be unset for 'relu'.")
+    hook_layer: int = opt(9, "Decoder layer whose residual stream the SAE reads.")
+    hook_site: Literal["input", "output"] = opt("input", "'input': entering the layer (the notebook's hook, hidden_states[L]); 'output': leaving it.")
+    dec_init_norm: float = opt(0.1, "Norm of each decoder row at init; the encoder starts as the decoder's transpose.")
+
+    @property
+    def n_latents(self) -> int:
+        return self.expansion * self.d_in
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "d_in", "expansion", "dec_init_norm")
+        _nonnegative(self, path, "hook_layer")
+        if self.architecture == "topk":
+            if self.k is None or not 0 < self.k <= self.n_latents:
+                raise ConfigError(f"{path}.k: expected 1 <= k <= N = {self.n_latents} for topk, found {self.k}")
+        elif self.k is not None:
+            raise ConfigError(f"{path}.k: expected unset for architecture 'relu', found {self.k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    n_features: int = opt(512, "Size of the true dictionary of random unit directions.")
+    active: float = opt(8.0, "Mean number of true features active per token (Bernoulli).")
+    noise: float = opt(0.01, "Std of Gaussian noise added to each coordinate.")
+    dict_seed: int = opt(1234, "Seed of the true dictionary, so a trained SAE can be scored against it.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "n_features", "active")
+        _nonnegative(self, path, "noise")
+        if self.active > self.n_features:
+            raise ConfigError(f"{path}.active: expected <= n_features = {self.n_features}, found {self.active}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskConfig:
+    path: str = opt("", "A .npy/.safetensors file, or a folder of them, each holding [T, D] activations.")
+    key: str = opt("activations", "Tensor name inside .safetensors shards.")
+    shuffle: bool = opt(True, "Shuffle tokens within each shard (seeded by data.seed, shard and epoch).")
+
+    def check(self, path: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{path}.path: expected a file or folder of activation shards, found nothing")
+        if not Path(self.path).exists():
+            raise ConfigError(f"{path}.path: expected an existing file or folder, found no such path {self.path!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "disk"] = opt("synthetic", "Where activations come from: 'synthetic' ground truth or 'disk' shards.")
+    batch_size: int = opt(4096, "Tokens per training step (B).")
+    seed: int = opt(0, "Seed of the data stream (sampling, shuffling).")
+    synthetic: SyntheticConfig = opt(SyntheticConfig(), "Synthetic ground-truth activations.")
+    disk: DiskConfig = opt(DiskConfig(), "Activations stored on disk.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "batch_size")
+        getattr(self, self.source).check(f"{path}.{self.source}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = opt(10_000, "Total optimizer steps.")
+    lr: float = opt(5e-5, "Peak Adam learning rate.")
+    lr_warmup_steps: int = opt(1000, "Steps of linear learning-rate warm-up from 0.")
+    lr_decay_frac: float = opt(0.2, "Fraction of training, at the end, over which the learning rate decays linearly to 0.")
+    adam_b1: float = opt(0.9, "Adam beta1.")
+    adam_b2: float = opt(0.999, "Adam beta2.")
+    grad_clip: float = opt(1.0, "Clip gradients to this global norm (0 disables).")
+    l1_coefficient: float = opt(5.0, "lambda in loss = |x - x_hat|^2 + lambda * sum_i f_i |W_dec,i| (relu only).")
+    l1_warmup_frac: float = opt(0.05, "Fraction of training over which lambda rises linearly from 0.")
+    auxk_coefficient: float = opt(1 / 32, "Weight of the AuxK loss (topk only): dead latents fit the residual.")
+    auxk_k: int = opt(256, "Dead latents used by AuxK (topk only).")
+    dead_tokens: int = opt(10_000_000, "A latent is dead when it has not fired over this many tokens (M).")
+    scale_batches: int = opt(10, "Batches used to estimate the input scale that makes the mean norm sqrt(D).")
+    seed: int = opt(0, "Seed of the SAE init.")
+    on_nonfinite: Literal["stop", "skip"] = opt("stop", "A non-finite loss, gradient or input: 'stop' (exit non-zero, keep the last good checkpoint) or 'skip' the batch and count it.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "steps", "lr", "auxk_k", "dead_tokens", "scale_batches")
+        _nonnegative(self, path, "lr_warmup_steps", "grad_clip", "l1_coefficient", "auxk_coefficient")
+        for name in ("lr_decay_frac", "l1_warmup_frac"):
+            _in_unit(self, path, name)
+        for name in ("adam_b1", "adam_b2"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ConfigError(f"{path}.{name}: expected 0 <= value < 1, found {v}")
+        if self.lr_warmup_steps > self.steps:
+            raise ConfigError(f"{path}.lr_warmup_steps: expected <= steps = {self.steps}, found {self.lr_warmup_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    out_dir: str = opt("runs/default", "Run directory: resolved config, metrics.jsonl, checkpoints/, the exported sae/.")
+    save_every: int = opt(1000, "Checkpoint every this many steps (and always at the end).")
+    keep: int = opt(3, "How many of the latest checkpoints to keep.")
+    log_every: int = opt(50, "Write a metrics.jsonl line and refresh the progress bar every this many steps.")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "save_every", "keep", "log_every")
+        if not self.out_dir:
+            raise ConfigError(f"{path}.out_dir: expected a directory path, found nothing")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    sae: SAEConfig = opt(SAEConfig(), "The SAE's shape and hook site.")
+    data: DataConfig = opt(DataConfig(), "The activation stream.")
+    train: TrainConfig = opt(TrainConfig(), "The optimisation.")
+    run: RunConfig = opt(RunConfig(), "Where and how often to write.")
+
+    def check(self, path: str = "") -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check(f"{path}{f.name}")
+
+
+# --- checks shared by the sections -------------------------------------------------
+
+
+def _positive(obj, path, *names):
+    for n in names:
+        v = getattr(obj, n)
+        if not v > 0 or (isinstance(v, float) and not math.isfinite(v)):
+            raise ConfigError(f"{path}.{n}: expected a finite number > 0, found {v}")
+
+
+def _nonnegative(obj, path, *names):
+    for n in names:
+        v = getattr(obj, n)
+        if not v >= 0 or (isinstance(v, float) and not math.isfinite(v)):
+            raise ConfigError(f"{path}.{n}: expected a finite number >= 0, found {v}")
+
+
+def _in_unit(obj, path, name):
+    v = getattr(obj, name)
+    if not 0 <= v <= 1:
+        raise ConfigError(f"{path}.{name}: expected 0 <= value <= 1, found {v}")
+
+
+# --- building typed config from plain data ----------------------------------------
+
+
+def _type_name(t) -> str:
+    if typing.get_origin(t) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(t))
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(t))
+    return "null" if t is type(None) else getattr(t, "__name__", str(t))
+
+
+def _coerce(t, value, path: str):
+    """Value of type t from YAML data, or ConfigError naming the path."""
+    origin = typing.get_origin(t)
+    if dataclasses.is_dataclass(t):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, found {type(value).__name__} {value!r}")
+        return from_dict(t, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(t):
+            raise ConfigError(f"{path}: expected {_type_name(t)}, found {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(t):
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: expected {_type_name(t)}, found {type(value).__name__} {value!r}")
+    if t is type(None):
+        if value is not None:
+            raise ConfigError(f"{path}: expected null, found {value!r}")
+        return None
+    if t is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, found {type(value).__name__} {value!r}")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, found {type(value).__name__} {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, str):
+            # PyYAML reads `1e-3` (no dot) as a string; researchers write it that way.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, found {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, found {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, found {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {t} at {path}")
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key; expected one of {sorted(names)}")
+    return cls(**{k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML) to nested plain data, in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected key.path=value, found no '='")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment}: expected a dotted key path, found {key!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({type(e).__name__})") from None
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read YAML at `path` (or defaults if None), apply `--set` overrides, type and check it."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: expected a YAML config file, found no such file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, found {type(data).__name__}")
+    for o in overrides:
+        apply_override(data, o)
+    cfg = from_dict(Config, data)
+    cfg.check()
+    return cfg
+
+
+def describe(cls=Config, path: str = "") -> list[str]:
+    """One line per field: key path, default and its documentation."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        key = f"{path}{f.name}"
+        t = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            lines += describe(t, key + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{key} = {default!r}: {f.metadata.get('help', '')}")
+    return lines

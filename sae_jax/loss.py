@@ -1,0 +1,73 @@
+"""Training losses, on inputs already scaled so their mean norm is sqrt(D).
+
+relu (Anthropic, April 2024): |x - x_hat|^2 + lambda * sum_i f_i |W_dec,i|.
+topk (OpenAI, 2024): |x - x_hat|^2 + alpha * AuxK, where AuxK lets the
+`auxk_k` most active *dead* latents reconstruct the residual x - x_hat.
+The squared error is summed over D and averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sae_jax.sae import Forward, SAEParams, SAESpec, forward_params
+
+
+class LossParts(NamedTuple):
+    loss: jax.Array  # [] the total that is differentiated
+    recon: jax.Array  # [] squared error, summed over D, mean over B
+    sparsity: jax.Array  # [] lambda-free sum_i f_i |W_dec,i|, mean over B (relu)
+    auxk: jax.Array  # [] AuxK error (topk; 0 for relu)
+
+
+def squared_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+    """x, x_hat: [B, D] -> [] squared error summed over D, averaged over B."""
+    return jnp.mean(jnp.sum((x_hat - x) ** 2, axis=-1))
+
+
+def weighted_l1(params: SAEParams, f: jax.Array) -> jax.Array:
+    """f: [B, N] -> [] mean over B of sum_i f_i * |W_dec row i|."""
+    dec_norms = jnp.linalg.norm(params.W_dec.astype(jnp.float32), axis=1)
+    return jnp.mean(f @ dec_norms)
+
+
+def auxk_error(params: SAEParams, pre: jax.Array, residual: jax.Array, dead: jax.Array, k: int) -> jax.Array:
+    """pre: [B, N], residual: [B, D] (no gradient), dead: [N] bool -> [] AuxK squared error.
+
+    The k largest pre-activations among dead latents, ReLU'd, decoded without
+    bias, should reconstruct the residual. 0 when no latent is dead.
+    """
+    k = min(k, pre.shape[-1])
+    masked = jnp.where(dead, pre, -jnp.inf)
+    vals, idx = jax.lax.top_k(masked, k)
+    vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
+    f_aux = jnp.put_along_axis(jnp.zeros_like(pre), idx, vals, axis=-1, inplace=False)
+    e_hat = f_aux @ params.W_dec.astype(jnp.float32)
+    return jnp.where(jnp.any(dead), squared_error(residual, e_hat), 0.0)
+
+
+def sae_loss(
+    params: SAEParams,
+    spec: SAESpec,
+    x: jax.Array,
+    *,
+    l1_coefficient: jax.Array | float,
+    dead: jax.Array,
+    auxk_k: int,
+    auxk_coefficient: float,
+) -> tuple[jax.Array, tuple[Forward, LossParts]]:
+    """x: [B, D] scaled inputs -> (loss, (forward, parts)). `spec.input_scale` must be 1."""
+    out = forward_params(params, spec, x)
+    x = x.astype(jnp.float32)
+    recon = squared_error(x, out.x_hat)
+    zero = jnp.zeros((), jnp.float32)
+    if spec.architecture == "relu":
+        sparsity = weighted_l1(params, out.f)
+        parts = LossParts(recon + l1_coefficient * sparsity, recon, sparsity, zero)
+    else:
+        aux = auxk_error(params, out.pre, jax.lax.stop_gradient(x - out.x_hat), dead, auxk_k)
+        parts = LossParts(recon + auxk_coefficient * aux, recon, zero, aux)
+    return parts.loss, (out, parts)

@@ -1,0 +1,169 @@
+"""The training loop: resume, step, log, checkpoint, export.
+
+Rerunning the same config continues from the newest complete checkpoint in
+`run.out_dir` and ends with the same params as a run never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from sae_jax.checkpoint import Checkpoints
+from sae_jax.config import Config, ConfigError, to_dict
+from sae_jax.data import Source, make_source
+from sae_jax.sae import SAE, fold_input_scale
+from sae_jax.trainer import NONFINITE, TrainState, init_state, make_step, spec_from_config
+from sae_jax.atomic import atomic_write_text
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss, gradient or input and the config says stop."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: TrainState
+    scale: float  # the input scale the params were trained at
+    run_dir: Path
+    sae: SAE | None  # the exported SAE (raw-activation units), None if stopped early
+
+
+def estimate_scale(source: Source, n_batches: int, d_in: int) -> float:
+    """The factor that makes the mean activation norm sqrt(D), from the next `n_batches` batches."""
+    norms = [np.linalg.norm(source.next_batch().astype(np.float64), axis=1).mean() for _ in range(n_batches)]
+    mean = float(np.mean(norms))
+    if not math.isfinite(mean) or mean <= 0:
+        raise NonFiniteError(f"input scale: expected a finite positive mean activation norm, found {mean}")
+    return math.sqrt(d_in) / mean
+
+
+def exported_sae(state: TrainState, cfg: Config, scale: float, source: str) -> SAE:
+    """The trained SAE with the input scale folded in, so it takes raw activations."""
+    spec = dataclasses.replace(spec_from_config(cfg), input_scale=scale, source=source)
+    return fold_input_scale(SAE(jax.device_get(state.params), spec))
+
+
+def _check_same_run(run_dir: Path, cfg: Config) -> None:
+    """Refuse to resume a run directory that was written by a different config (run.* may differ)."""
+    old_path = run_dir / "config.yaml"
+    if not old_path.exists():
+        return
+    old = yaml.safe_load(old_path.read_text()) or {}
+    new = to_dict(cfg)
+    for section in ("sae", "data", "train"):
+        for key, value in _flatten(new[section], section).items():
+            was = _flatten(old.get(section, {}), section).get(key)
+            if was != value:
+                raise ConfigError(f"{key}: {run_dir} holds a run with {was!r}, this config says {value!r}; use another run.out_dir")
+
+
+def _flatten(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
+    return out
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metrics lines after `step` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    kept = []
+    for l in lines:
+        try:
+            if json.loads(l)["step"] <= step:
+                kept.append(l)
+        except (ValueError, KeyError, TypeError):
+            pass
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> RunResult:
+    """Train (or resume) the run `cfg` describes. `stop_after`: return after that step, as if killed."""
+    run_dir = Path(cfg.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_run(run_dir, cfg)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    source = make_source(cfg)
+    ckpts = Checkpoints(run_dir / "checkpoints", cfg.run.keep)
+    metrics_path = run_dir / "metrics.jsonl"
+    try:
+        restored = ckpts.restore_latest(jax.eval_shape(lambda: init_state(cfg)))
+        if restored:
+            start, state, meta = restored
+            scale = float(meta["scale"])
+            source.restore(meta["data"])
+        else:
+            start, state = 0, init_state(cfg)
+            scale = estimate_scale(source, cfg.train.scale_batches, cfg.sae.d_in)
+        _keep_metrics_until(metrics_path, start)
+        state = _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, progress)
+    finally:
+        ckpts.wait()
+        ckpts.close()
+    done = int(state.step) >= cfg.train.steps
+    sae = None
+    if done:
+        from sae_jax.formats import save_sae
+
+        sae = exported_sae(state, cfg, scale, str(run_dir))
+        save_sae(sae, run_dir / "sae", format="jax", overwrite=True)
+    return RunResult(state, scale, run_dir, sae)
+
+
+def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, progress) -> TrainState:
+    t, B = cfg.train, cfg.data.batch_size
+    step_fn = make_step(cfg)
+    scale_dev = jnp.float32(scale)
+    end = t.steps if stop_after is None else min(t.steps, stop_after)
+    bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    last_time, last_step, skipped = time.perf_counter(), start, 0
+    with open(metrics_path, "a") as mfile:
+        pos = source.state()
+        x = jax.device_put(source.next_batch()) if start < end else None
+        for step in range(start, end):
+            state, m = step_fn(state, x, scale_dev)
+            done = step + 1
+            # The next batch is prepared while the step runs; `pos` is where it starts.
+            pos = source.state()
+            x = jax.device_put(source.next_batch()) if done < end else None
+            log_now = done % cfg.run.log_every == 0 or done == end
+            save_now = done % cfg.run.save_every == 0 or done == end
+            if log_now or save_now:
+                skipped = _check_finite(state, t.on_nonfinite)
+            if log_now:
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                now = time.perf_counter()
+                m.update(step=done, tokens=done * B, tokens_per_s=(done - last_step) * B / max(now - last_time, 1e-9), skipped=skipped)
+                last_time, last_step = now, done
+                mfile.write(json.dumps(m) + "\n")
+                mfile.flush()
+                bar.set_postfix(
+                    tok_s=f"{m['tokens_per_s']:.3g}", loss=f"{m['loss']:.4g}", L0=f"{m['l0']:.1f}", EV=f"{m['explained_variance']:.3f}"
+                )
+            if save_now:
+                ckpts.save(done, state, {"data": pos, "scale": scale})
+            bar.update(1)
+    bar.close()
+    return state
+
+
+def _check_finite(state: TrainState, mode: str) -> int:
+    """The count of skipped steps; raises NonFiniteError at the first one when `mode` is 'stop'."""
+    skipped, (bad_step, what) = jax.device_get((state.skipped, state.first_bad))
+    if mode == "stop" and bad_step >= 0:
+        raise NonFiniteError(
+            f"step {int(bad_step) + 1}: non-finite {NONFINITE[int(what)]}; stopped, the last good checkpoint is kept"
+        )
+    return int(skipped)

@@ -1,0 +1,141 @@
+"""The training state and one jitted, donated training step.
+
+The state is a pytree that moves in and out of the step explicitly. Inputs
+arrive raw; the step multiplies them by `scale` (the factor that makes their
+mean norm sqrt(D)), so params live in scaled units until export folds the
+factor back (`sae.fold_input_scale`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sae_jax.config import Config, TrainConfig
+from sae_jax.loss import sae_loss
+from sae_jax.sae import SAEParams, SAESpec, explained_variance, init_params
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    params: SAEParams
+    opt_state: optax.OptState
+    step: jax.Array  # [] int32, steps taken
+    key: jax.Array  # [2] uint32, raw PRNG key data
+    since_fired: jax.Array  # [N] int32, tokens since each latent last fired, capped at dead_tokens
+    skipped: jax.Array  # [] int32, steps whose loss, gradients or inputs were non-finite
+    first_bad: jax.Array  # [2] int32, (step, what) of the first non-finite step; (-1, 0) if none
+
+
+def spec_from_config(cfg: Config) -> SAESpec:
+    """The training-time spec: params in scaled units, so input_scale is 1."""
+    s = cfg.sae
+    return SAESpec(s.architecture, s.d_in, s.n_latents, s.k, s.hook_layer, s.hook_site)
+
+
+def lr_schedule(t: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0, constant, linear decay to 0 over the last `lr_decay_frac` of training."""
+    decay_start = max(int(round(t.steps * (1 - t.lr_decay_frac))), t.lr_warmup_steps)
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, t.lr, max(t.lr_warmup_steps, 1)),
+            optax.constant_schedule(t.lr),
+            optax.linear_schedule(t.lr, 0.0, max(t.steps - decay_start, 1)),
+        ],
+        boundaries=[t.lr_warmup_steps, decay_start],
+    )
+
+
+def l1_schedule(t: TrainConfig, step: jax.Array) -> jax.Array:
+    """lambda at `step`: linear warm-up from 0 over `l1_warmup_frac` of training."""
+    warm = t.l1_warmup_frac * t.steps
+    ramp = jnp.minimum(1.0, step / warm) if warm > 0 else 1.0
+    return t.l1_coefficient * ramp
+
+
+def optimizer(t: TrainConfig) -> optax.GradientTransformation:
+    adam = optax.adam(lr_schedule(t), b1=t.adam_b1, b2=t.adam_b2)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adam) if t.grad_clip > 0 else adam
+
+
+def init_state(cfg: Config) -> TrainState:
+    spec = spec_from_config(cfg)
+    key = jax.random.key(cfg.train.seed)
+    init_key, key = jax.random.split(key)
+    params = init_params(init_key, spec, cfg.sae.dec_init_norm)
+    return TrainState(
+        params=params,
+        opt_state=optimizer(cfg.train).init(params),
+        step=jnp.zeros((), jnp.int32),
+        key=jax.random.key_data(key),
+        since_fired=jnp.zeros((spec.n_latents,), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+        first_bad=jnp.array([-1, 0], jnp.int32),
+    )
+
+
+# What went non-finite, as recorded in TrainState.first_bad[1].
+NONFINITE = {1: "input activations", 2: "loss", 3: "gradients"}
+
+
+def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfig):
+    """x: [B, D] scaled -> ((loss, (forward, parts)), grads): what the step differentiates."""
+    loss = lambda p: sae_loss(
+        p,
+        spec,
+        x,
+        l1_coefficient=l1_schedule(t, state.step),
+        dead=state.since_fired >= t.dead_tokens,
+        auxk_k=t.auxk_k,
+        auxk_coefficient=t.auxk_coefficient,
+    )
+    return jax.value_and_grad(loss, has_aux=True)(state.params)
+
+
+def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: SAESpec, t: TrainConfig):
+    """x_raw: [B, D] raw activations, scale: [] -> (new state, metrics dict of [] float32)."""
+    x = x_raw.astype(jnp.float32) * scale
+    (loss, (out, parts)), grads = loss_and_grads(state, x, spec, t)
+    updates, opt_state = optimizer(t).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    fired = jnp.any(out.f > 0, axis=0)
+    since = jnp.where(fired, 0, jnp.minimum(state.since_fired + x.shape[0], t.dead_tokens))
+    metrics = {
+        "loss": loss,
+        "recon": parts.recon,
+        "mse": jnp.mean((out.x_hat - x) ** 2),
+        "l0": jnp.mean(jnp.sum(out.f > 0, axis=-1)),
+        "explained_variance": explained_variance(x, out.x_hat),
+        "dead_fraction": jnp.mean(since >= t.dead_tokens),
+        "l1_coefficient": jnp.asarray(l1_schedule(t, state.step), jnp.float32),
+        "auxk": parts.auxk,
+        "grad_norm": optax.global_norm(grads),
+    }
+    what = jnp.where(
+        ~jnp.all(jnp.isfinite(x)), 1, jnp.where(~jnp.isfinite(loss), 2, jnp.where(~jnp.isfinite(metrics["grad_norm"]), 3, 0))
+    )
+    ok = what == 0
+    # A non-finite step leaves params and optimizer state as they were; the loop decides what to do.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    first = jnp.where((state.first_bad[0] < 0) & ~ok, jnp.stack([state.step, what]), state.first_bad)
+    new = TrainState(
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1,
+        key=state.key,
+        since_fired=keep(since, state.since_fired),
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+        first_bad=first.astype(jnp.int32),
+    )
+    return new, metrics
+
+
+def make_step(cfg: Config) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
+    """The jitted step with the state donated: its buffers are reused for the new state."""
+    step = lambda s, x, c: train_step(s, x, c, spec=spec_from_config(cfg), t=cfg.train)
+    return jax.jit(step, donate_argnums=0)

@@ -1,0 +1,34 @@
+"""Train an SAE: `python train.py --config configs/X.yaml [--set a.b=value ...]`.
+
+Rerunning the same command resumes from the newest checkpoint in run.out_dir.
+"""
+
+import argparse
+import sys
+
+from sae_jax.cli import fail_in_one_line
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config; omitted keys take their defaults (see --help-config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. train.steps=500")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    from sae_jax.config import describe, load_config
+
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    cfg = load_config(args.config, args.set)
+    from sae_jax.run import train
+
+    result = train(cfg, progress=not args.no_progress)
+    print(f"trained {int(result.state.step)} steps; SAE exported to {result.run_dir / 'sae'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(fail_in_one_line(main))
