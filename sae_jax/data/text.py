@@ -1,0 +1,174 @@
+"""Text rows to fixed-shape token batches: [S, T] ids, attention mask and keep mask.
+
+Rows come from a `datasets` hub id or a local .jsonl/.json/.parquet file. A row's
+`field` is either a list of {role, content} turns (LMSYS-Chat-1M's
+`conversation`), formatted with `sae_jax.chat.format_chat`, or a string,
+tokenized after BOS. Each row becomes one sequence truncated to T tokens, or,
+with `pack`, rows are concatenated and cut into T-token chunks (which then
+attend across row boundaries, as in SAELens). Rows with no token to keep are
+skipped; the stream wraps around at the end of the split. The position is
+(epoch, row, offset): rows consumed in this epoch, and tokens of the current
+row already emitted (only ever non-zero with `pack`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+
+from sae_jax.chat import format_chat
+from sae_jax.config import ConfigError, opt
+from sae_jax.tokenizer import load_tokenizer, special_ids
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    path: str = opt("", "A hub dataset id (e.g. 'lmsys/lmsys-chat-1m') or a local .jsonl/.json/.parquet file.")
+    name: str | None = opt(None, "Hub dataset config name.")
+    split: str = opt("train", "Hub dataset split (local files have only 'train').")
+    streaming: bool = opt(True, "Stream rows instead of building an Arrow copy first.")
+    cache_dir: str | None = opt(None, "Where a non-streaming load writes its Arrow cache (null: the datasets default).")
+    field: str = opt("conversation", "Row field: a list of {role, content} turns (chat-formatted) or a string (BOS + text).")
+    tokenizer: str = opt("llama3-offline", "'llama3-offline' (built from llama-models' tiktoken file) or a tokenizer folder.")
+    context_size: int = opt(1024, "T, tokens per sequence (release: 1024).")
+    seqs_per_batch: int = opt(8, "S, sequences per forward pass.")
+    pack: bool = opt(False, "Concatenate rows and cut T-token chunks, instead of one truncated, padded row per sequence.")
+    exclude_special: bool = opt(True, "Keep no special-token positions (BOS, headers, eot): the BOS residual's norm is outsized.")
+    buffer_tokens: int = opt(1 << 18, "C, shuffle-buffer capacity in tokens (each refill harvests C/2).")
+
+    def check(self, path: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{path}.path: expected a hub dataset id or a local file, found nothing")
+        local = Path(self.path).expanduser()
+        if local.suffix in FILE_BUILDERS and not local.is_file():
+            raise ConfigError(f"{path}.path: expected an existing file, found no such file {self.path!r}")
+        for name in ("context_size", "seqs_per_batch", "buffer_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}: expected an integer > 0, found {getattr(self, name)}")
+
+
+class TokenBatch(NamedTuple):
+    input_ids: np.ndarray  # [S, T] int32, padded with the pad (or eos) id
+    attention_mask: np.ndarray  # [S, T] int32, 0 on padding
+    keep: np.ndarray  # [S, T] bool, the positions whose activations are used
+
+
+def open_rows(cfg: TextConfig):
+    """The `datasets` Dataset (or IterableDataset if streaming) of `cfg.path`."""
+    import datasets
+
+    local = Path(cfg.path).expanduser()
+    if local.suffix in FILE_BUILDERS or local.exists():
+        if not local.is_file():
+            raise FileNotFoundError(f"{cfg.path}: no such file")
+        if local.suffix not in FILE_BUILDERS:
+            raise ValueError(f"{cfg.path}: expected a .jsonl, .json or .parquet file, found suffix {local.suffix!r}")
+        return datasets.load_dataset(FILE_BUILDERS[local.suffix], data_files=str(local), split="train",
+                                     streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    return datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+
+
+class TextSource:
+    """Endless [S, T] token batches from the rows of `cfg.path`; deterministic given the position."""
+
+    def __init__(self, cfg: TextConfig, tokenizer=None):
+        """`tokenizer` defaults to `load_tokenizer(cfg.tokenizer)`."""
+        self.cfg, self.tokenizer = cfg, load_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
+        self.rows = open_rows(cfg)
+        self.special = np.array(sorted(special_ids(tokenizer)), dtype=np.int64)
+        self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+        self.epoch, self.row, self.offset = 0, 0, 0
+        self._it: Iterator | None = None
+        self._current: list[int] | None = None  # tokens of row `self.row`, once read
+        self._unusable = 0  # rows in a row with nothing to keep
+        first = next(iter(self.rows.take(1)), None)
+        if first is None:
+            raise ValueError(f"{cfg.path}: no rows")
+        self._tokens(first, 0)  # a missing or malformed field fails here, not mid-run
+
+    def next_batch(self) -> TokenBatch:
+        """The next S sequences: [S, T] int32 ids, [S, T] int32 attention mask, [S, T] bool keep."""
+        S, T = self.cfg.seqs_per_batch, self.cfg.context_size
+        ids = np.full((S, T), self.pad_id, dtype=np.int32)
+        mask = np.zeros((S, T), dtype=np.int32)
+        for s in range(S):
+            seq = self._sequence(T)
+            ids[s, : len(seq)], mask[s, : len(seq)] = seq, 1
+        keep = mask.astype(bool)
+        if self.cfg.exclude_special:
+            keep &= ~np.isin(ids, self.special)
+        return TokenBatch(ids, mask, keep)
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "row": self.row, "offset": self.offset}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.epoch, self.row, self.offset = int(state["epoch"]), int(state["row"]), int(state["offset"])
+        self._it, self._current = None, None
+
+    # --- internals --------------------------------------------------------------------
+
+    def _sequence(self, T: int) -> list[int]:
+        """Up to T tokens: the current row truncated, or, with `pack`, exactly T tokens across rows."""
+        out: list[int] = []
+        while len(out) < T:
+            tokens = self._row_tokens()
+            take = tokens[self.offset : self.offset + T - len(out)]
+            out += take
+            self.offset += len(take)
+            if self.offset == len(tokens) or not self.cfg.pack:
+                self._next_row()
+            if not self.cfg.pack:
+                break
+        return out
+
+    def _row_tokens(self) -> list[int]:
+        """Tokens of the current row, skipping rows with nothing to keep."""
+        while self._current is None:
+            if self._it is None:
+                self._it = iter(self.rows.skip(self.row) if self.row else self.rows)
+            row = next(self._it, None)
+            if row is None:
+                self._wrap()
+                continue
+            tokens = self._tokens(row, self.row)
+            if self._usable(tokens):
+                self._current, self._unusable = tokens, 0
+            else:
+                self._unusable += 1
+                self.row += 1
+        return self._current
+
+    def _next_row(self) -> None:
+        self.row, self.offset, self._current = self.row + 1, 0, None
+
+    def _wrap(self) -> None:
+        if self.row == 0 or self._unusable >= self.row:
+            raise ValueError(f"{self.cfg.path}: no row has tokens to keep in field {self.cfg.field!r}")
+        self.epoch, self.row, self._it = self.epoch + 1, 0, None
+
+    def _usable(self, tokens: list[int]) -> bool:
+        if not self.cfg.exclude_special:
+            return bool(tokens)
+        return bool(np.any(~np.isin(np.asarray(tokens, dtype=np.int64), self.special)))
+
+    def _tokens(self, row: dict, index: int) -> list[int]:
+        value = row.get(self.cfg.field) if isinstance(row, dict) else None
+        if value is None:
+            found = sorted(k for k, v in row.items() if v is not None)
+            raise ValueError(f"{self.cfg.path}: row {index} has no field {self.cfg.field!r}; found {found}")
+        if isinstance(value, str):
+            bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+            return bos + self.tokenizer(value, add_special_tokens=False)["input_ids"]
+        if isinstance(value, list):
+            try:
+                return format_chat(self.tokenizer, value).input_ids
+            except ValueError as e:
+                raise ValueError(f"{self.cfg.path}: row {index} field {self.cfg.field!r}: {e}") from None
+        raise ValueError(f"{self.cfg.path}: row {index} field {self.cfg.field!r}: expected a string or a list of turns, "
+                         f"found {type(value).__name__}")
