@@ -58,7 +58,7 @@ def test_tied_checkpoint_has_no_lm_head_and_logits_use_the_embedding(folder):
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
     m = load(folder)
     assert m.lm_head is None
-    ids = token_batch(0, 1, 5, 64)
+    ids = token_batch(0, 2, 17, 64)
     x = m.norm(m(ids))
     expected = np.asarray(x) @ np.asarray(m.embed[...], np.float32).T
     np.testing.assert_allclose(np.asarray(logits(m, ids)), expected, rtol=1e-5, atol=1e-6)
@@ -94,7 +94,7 @@ def test_sharded_checkpoint_loads_the_same_model(tmp_path, folder):
         save_file({k: tensors[k] for k in ks}, sharded / name, metadata={"format": "pt"})
     weight_map = {k: name for name, ks in halves.items() for k in ks}
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    ids = token_batch(1, 2, 6, 64)
+    ids = token_batch(1, 2, 17, 64)
     np.testing.assert_array_equal(np.asarray(residual(load(sharded), ids, 1)), np.asarray(residual(load(folder), ids, 1)))
 
 

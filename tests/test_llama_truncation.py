@@ -25,7 +25,7 @@ def dot_count(fn, *args) -> int:
 
 @pytest.mark.parametrize("layer, site, layers_run", [(9, "input", 9), (9, "output", 10), (0, "input", 0), (11, "output", 12)])
 def test_traced_program_holds_only_the_needed_layers(model, layer, site, layers_run):
-    ids = jnp.asarray(token_batch(0, 1, 5, 64))
+    ids = jnp.asarray(token_batch(0, 2, 17, 64))
     assert dot_count(lambda m, i: residual(m, i, layer, site), model, ids) == DOTS_PER_LAYER * layers_run
 
 
@@ -33,12 +33,12 @@ def test_layer_calls_are_counted(model, monkeypatch):
     calls = []
     original = Block.__call__
     monkeypatch.setattr(Block, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
-    residual(model, token_batch(0, 1, 5, 64), 9)
+    residual(model, token_batch(0, 2, 17, 64), 9)
     assert len(calls) == 9
 
 
 def test_nan_weights_after_the_read_do_not_reach_it(model):
-    ids = token_batch(0, 2, 7, 64)
+    ids = token_batch(0, 2, 17, 64)
     clean = np.asarray(residual(model, ids, 9))
     poisoned = jax.tree.map(lambda a: a, model)  # a copy with its own Params
     for block in poisoned.layers[9:]:
