@@ -6,7 +6,7 @@ from `activation_fn_kwargs` in configs before v6). `apply_b_dec_to_input: true`
 into the encoder bias, `b_enc' = b_enc - b_dec @ W_enc`, the same function in
 exact arithmetic. The folded bias is computed in float32 and a bfloat16/float16
 SAE is widened to float32 for it, since rounding b_enc' back would change the
-function. Anything else that changes the math (JumpReLU, gated, activation
+function (a zero b_dec needs no fold and keeps the stored dtype). Anything else that changes the math (JumpReLU, gated, activation
 normalization, hook_z reshaping, decoder-norm rescaled top-k) is refused.
 
 Write: v6 layout, `apply_b_dec_to_input: false`, `normalize_activations: "none"`,
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax.formats.common import SAEFormatError, check_tensors, error, first_line, from_numpy, make_spec, to_numpy
+from sae_jax.formats.common import SAEFormatError, check_finite, check_tensors, error, first_line, from_numpy, make_spec, to_numpy
 from sae_jax.formats.tensorfile import read_tensors, write_tensors
 from sae_jax.sae import SAE, SAESpec, Site
 
@@ -71,6 +71,7 @@ def load_saelens(folder: Path, hook_layer: int | None = None, hook_site: Site | 
     dtype = check_tensors(weights, arrays, {"W_enc": (D, N), "b_enc": (N,), "W_dec": (N, D), "b_dec": (D,)})
     if cfg.get("apply_b_dec_to_input", True) and np.any(arrays["b_dec"] != 0):
         arrays, dtype = _fold_b_dec(arrays), "float32"
+        check_finite(weights, "b_enc - b_dec @ W_enc (folding apply_b_dec_to_input)", arrays["b_enc"])
     spec = make_spec(
         cfg_path, architecture=architecture, d_in=D, n_latents=N, k=k,
         hook_layer=layer, hook_site=site, dtype=dtype, source=str(folder),
@@ -152,4 +153,5 @@ def _metadata(cfg: dict) -> dict:
 def _fold_b_dec(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Fold `x - b_dec` into the encoder bias; every array widened to float32 (exact)."""
     a = {k: v.astype(np.float32) for k, v in a.items()}
-    return {**a, "b_enc": (a["b_enc"] - a["b_dec"] @ a["W_enc"]).astype(np.float32)}
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by check_finite
+        return {**a, "b_enc": (a["b_enc"] - a["b_dec"] @ a["W_enc"]).astype(np.float32)}
