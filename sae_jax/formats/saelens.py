@@ -6,8 +6,9 @@ from `activation_fn_kwargs` in configs before v6). `apply_b_dec_to_input: true`
 into the encoder bias, `b_enc' = b_enc - b_dec @ W_enc`, the same function in
 exact arithmetic. The folded bias is computed in float32 and a bfloat16/float16
 SAE is widened to float32 for it, since rounding b_enc' back would change the
-function (a zero b_dec needs no fold and keeps the stored dtype). Anything else that changes the math (JumpReLU, gated, activation
-normalization, hook_z reshaping, decoder-norm rescaled top-k) is refused.
+function (a zero b_dec needs no fold and keeps the stored dtype). Anything
+else that changes the math (JumpReLU, gated, activation normalization,
+hook_z reshaping, decoder-norm rescaled top-k) is refused.
 
 Write: v6 layout, `apply_b_dec_to_input: false`, `normalize_activations: "none"`,
 `hook_name` at the top level (pre-v6 readers) and in `metadata` (v6).
