@@ -14,8 +14,9 @@ from sae_jax.llama import write_tiny_checkpoint
 # Parity tolerance for float32 compute: max |ours - ref| / max |ref| over a tensor.
 # Both sides compute in float32 (eps 1.2e-7) from identical bf16 weights; they
 # differ only in summation order (XLA einsums vs torch matmuls) and in rope
-# angle rounding. Over 12 layers that measures ~2e-6; 1e-4 leaves a margin of
-# ~50x while any real error (a wrong rope frequency, mask or norm) is >= 1e-2.
+# angle rounding. Over 12 layers that measures <= 4e-6; 1e-4 leaves a margin of
+# ~25x while real errors are far above it (plain rope instead of llama3 scaling,
+# or a dropped padding mask, miss by > 1e-2; tests check that they show).
 TOL = 1e-4
 
 PARITY = dict(vocab_size=512, init_std=0.2)  # small vocab keeps tests fast; std 0.2 peaks attention

@@ -10,7 +10,17 @@ from flax import nnx
 from llama_helpers import token_batch
 from safetensors.numpy import load_file, save_file
 
-from sae_jax.llama import Llama, LlamaConfig, LlamaLoadError, RopeScaling, load, load_config, residual, write_tiny_checkpoint
+from sae_jax.llama import (
+    Llama,
+    LlamaConfig,
+    LlamaLoadError,
+    RopeScaling,
+    load,
+    load_config,
+    logits,
+    residual,
+    write_tiny_checkpoint,
+)
 from sae_jax.llama.weights import weight_table
 
 SMALL = dict(num_hidden_layers=2, vocab_size=64)  # errors need no depth or vocab
@@ -52,8 +62,6 @@ def test_config_both_layouts_parse_to_the_llama_3_2_facts(tmp_path):
 
 
 def test_tied_checkpoint_has_no_lm_head_and_logits_use_the_embedding(folder):
-    from sae_jax.llama import logits
-
     keys = load_file(folder / "model.safetensors").keys()
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
     m = load(folder)
@@ -70,17 +78,13 @@ def test_untied_checkpoint_loads_lm_head(tmp_path):
 
 
 def test_weight_table_is_exactly_the_model_parameters():
-    cfg = load_config_for(layers=3, tied=False)
+    cfg = LlamaConfig(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
+                      intermediate_size=128, vocab_size=64, tie_word_embeddings=False)  # fmt: skip
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     params = {path: v.shape for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     table = weight_table(cfg)
     assert params == {s.path: s.shape for s in table.values()}
     assert len(table) == 2 + 9 * 3 + 1  # embed, norm, 9 per layer, lm_head
-
-
-def load_config_for(layers: int, tied: bool) -> LlamaConfig:
-    return LlamaConfig(hidden_size=64, num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16,
-                       intermediate_size=128, vocab_size=64, tie_word_embeddings=tied)  # fmt: skip
 
 
 def test_sharded_checkpoint_loads_the_same_model(tmp_path, folder):

@@ -151,3 +151,10 @@ def test_jitted_residual_equals_eager(model, ids):
         jitted = fn(model, jnp.asarray(ids), layer, site, jnp.asarray(mask))
         assert jitted.shape == (B, T, model.config.hidden_size)
         assert rel_err(jitted, eager) <= 1e-5
+
+
+def test_untied_checkpoint_matches(tmp_path, ids):
+    folder = tiny(tmp_path / "untied", tie_word_embeddings=False)
+    m = load(folder)
+    assert m.lm_head is not None
+    assert_parity(m, folder, ids)
