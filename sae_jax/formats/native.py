@@ -45,7 +45,10 @@ def load_jax(folder: Path, hook_layer: int | None = None, hook_site: Site | None
         raise error(folder, PARAMS, "an orbax checkpoint directory", "none")
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            _check_stored(params_dir, ckptr.metadata(params_dir).item_metadata.tree, spec)
+            stored = ckptr.metadata(params_dir).item_metadata
+            if stored is None:
+                raise SAEFormatError(f"{params_dir}: unreadable orbax checkpoint (its array metadata is missing or damaged)")
+            _check_stored(params_dir, stored.tree, spec)
             target = {n: jax.ShapeDtypeStruct(s, jnp.dtype(spec.dtype)) for n, s in spec.shapes().items()}
             restored = ckptr.restore(params_dir, target)
     except SAEFormatError:
@@ -76,7 +79,7 @@ def _read_spec(path: Path) -> SAESpec:
 def _check_stored(params_dir: Path, stored: dict, spec: SAESpec) -> None:
     """Compare the checkpoint's own metadata with the spec before orbax casts or pads anything."""
     shapes = spec.shapes()
-    for name in sorted(set(shapes) | set(stored)):
+    for name in [*shapes, *sorted(set(stored) - set(shapes))]:
         if name not in stored or name not in shapes:
             raise error(params_dir, name, f"arrays {sorted(shapes)}", f"arrays {sorted(stored)}")
         found_shape, found_dtype = tuple(stored[name].shape), jnp.dtype(stored[name].dtype).name
