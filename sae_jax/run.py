@@ -90,7 +90,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 
 
 def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> RunResult:
-    """Train (or resume) the run `cfg` describes. `stop_after`: return after that step, as if killed."""
+    """Train (or resume) the run `cfg` describes. `stop_after`: return after that step without a final save, as if killed."""
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run_dir, cfg)
@@ -138,8 +138,8 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
             # The next batch is prepared while the step runs; `pos` is where it starts.
             pos = source.state()
             x = jax.device_put(source.next_batch()) if done < end else None
-            log_now = done % cfg.run.log_every == 0 or done == end
-            save_now = done % cfg.run.save_every == 0 or done == end
+            log_now = done % cfg.run.log_every == 0 or done == t.steps
+            save_now = done % cfg.run.save_every == 0 or done == t.steps
             if log_now or save_now:
                 skipped = _check_finite(state, t.on_nonfinite)
             if log_now:

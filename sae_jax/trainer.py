@@ -114,7 +114,7 @@ def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: S
         "dead_fraction": jnp.mean(since >= t.dead_tokens),
         "l1_coefficient": jnp.asarray(l1_schedule(t, state.step), jnp.float32),
         "auxk": parts.auxk,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))),
     }
     what = jnp.where(
         ~jnp.all(jnp.isfinite(x)), 1, jnp.where(~jnp.isfinite(loss), 2, jnp.where(~jnp.isfinite(metrics["grad_norm"]), 3, 0))

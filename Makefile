@@ -1,0 +1,22 @@
+# Two commands: `make demo` and `make test`. Both set up .venv if missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train.py --config configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf runs/demo demo
