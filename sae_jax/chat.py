@@ -15,6 +15,7 @@ from sae_jax.tokenizer import special_ids
 
 ROLES = ("system", "user", "assistant")  # role id = index here
 FRAME = -1  # role id of BOS, header, role-name, "\n\n" and eot tokens
+HEADER_AND_EOT = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 class ChatTokens(NamedTuple):
@@ -30,6 +31,47 @@ class ChatTokens(NamedTuple):
         return [x == r for x in self.roles]
 
 
+class ChatFormatter:
+    """`format_chat` for one tokenizer, its special ids looked up once; `many` tokenizes in one call."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.start, self.end, self.eot = (_special_id(tokenizer, t) for t in HEADER_AND_EOT)
+        self.specials = special_ids(tokenizer)
+
+    def __call__(self, conversation: Sequence[dict], add_generation_prompt: bool = False) -> ChatTokens:
+        return self.many([conversation], add_generation_prompt)[0]
+
+    def many(self, conversations: Sequence[Sequence[dict]], add_generation_prompt: bool = False) -> list[ChatTokens]:
+        """`format_chat` of each conversation, with one tokenizer call for all their pieces."""
+        turns = [[check_turn(m, i) for i, m in enumerate(conv)] for conv in conversations]
+        if add_generation_prompt:
+            turns = [[*t, ("assistant", None)] for t in turns]  # the header and "\n\n", no content, no eot
+        texts = [x for conv in turns for role, content in conv for x in (role, "\n\n" + (content or "").strip())]
+        pieces = iter(self.tokenizer(["\n\n", *texts], add_special_tokens=False)["input_ids"])
+        newline = next(pieces)
+        return [self._assemble(conv, pieces, newline) for conv in turns]
+
+    def _assemble(self, turns: list[tuple[str, str | None]], pieces, newline: list[int]) -> ChatTokens:
+        if not turns:
+            return ChatTokens([], [], [])
+        ids, roles = [self.tokenizer.bos_token_id], [FRAME]
+        for role, content in turns:
+            name, body = next(pieces), next(pieces)
+            n_frame = len(newline) if body[: len(newline)] == newline else 0
+            ids += [self.start, *name, self.end, *body]
+            roles += [FRAME] * (len(name) + 2 + n_frame) + [ROLES.index(role)] * (len(body) - n_frame)
+            if content is not None:
+                ids.append(self.eot)
+                roles.append(FRAME)
+        return ChatTokens(ids, roles, [i in self.specials for i in ids])
+
+
+def format_chat(tokenizer, conversation: Sequence[dict], add_generation_prompt: bool = False) -> ChatTokens:
+    """Token ids of `conversation` ([{role, content}, ...]) in the Llama-3 Instruct format."""
+    return ChatFormatter(tokenizer)(conversation, add_generation_prompt)
+
+
 def _special_id(tokenizer, token: str) -> int:
     i = tokenizer.convert_tokens_to_ids(token)
     if i is None or i == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(i) != token:
@@ -37,31 +79,8 @@ def _special_id(tokenizer, token: str) -> int:
     return i
 
 
-def format_chat(tokenizer, conversation: Sequence[dict], add_generation_prompt: bool = False) -> ChatTokens:
-    """Token ids of `conversation` ([{role, content}, ...]) in the Llama-3 Instruct format."""
-    start, end, eot = (_special_id(tokenizer, t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
-    turns = [_check_turn(m, i) for i, m in enumerate(conversation)]
-    if add_generation_prompt:
-        turns.append(("assistant", None))  # the header and "\n\n", no content, no eot
-    if not turns:
-        return ChatTokens([], [], [])
-    texts = [t for role, content in turns for t in (role, "\n\n" + (content or "").strip())]
-    pieces = tokenizer(["\n\n", *texts], add_special_tokens=False)["input_ids"]
-    newline, pieces = pieces[0], pieces[1:]
-    ids, roles = [tokenizer.bos_token_id], [FRAME]
-    for k, (role, content) in enumerate(turns):
-        name, body = pieces[2 * k], pieces[2 * k + 1]
-        n_frame = len(newline) if body[: len(newline)] == newline else 0
-        ids += [start, *name, end, *body]
-        roles += [FRAME] * (len(name) + 2 + n_frame) + [ROLES.index(role)] * (len(body) - n_frame)
-        if content is not None:
-            ids.append(eot)
-            roles.append(FRAME)
-    specials = special_ids(tokenizer)
-    return ChatTokens(ids, roles, [i in specials for i in ids])
-
-
-def _check_turn(message, i: int) -> tuple[str, str]:
+def check_turn(message, i: int) -> tuple[str, str]:
+    """(role, content) of turn i, or a one-line ValueError naming it."""
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise ValueError(f"conversation[{i}]: expected a {{role, content}} mapping, found {message!r:.80}")
     role, content = message["role"], message["content"]

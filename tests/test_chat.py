@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sae_jax.chat import FRAME, ROLES, format_chat
+from sae_jax.chat import FRAME, ROLES, ChatFormatter, format_chat
 from sae_jax.tokenizer import llama3_tokenizer
 
 CONVERSATIONS = [
@@ -44,6 +44,12 @@ TURN_TEXT = st.lists(st.sampled_from(PIECES), max_size=20).map("".join)
 def test_ids_equal_apply_chat_template_random(tok, turns):
     conv = [{"role": r, "content": c} for r, c in turns]
     assert format_chat(tok, conv).input_ids == reference(tok, conv)
+
+
+def test_many_equals_one_by_one(tok):
+    convs = [*CONVERSATIONS, [], CONVERSATIONS[1]]
+    for prompt in (False, True):
+        assert ChatFormatter(tok).many(convs, prompt) == [format_chat(tok, c, prompt) for c in convs]
 
 
 def test_roles_and_special_flags(tok):

@@ -11,6 +11,7 @@ from sae_jax.chat import format_chat
 from sae_jax.config import ConfigError
 from sae_jax.data.activations import ActivationSource, llama_harvest
 from sae_jax.data.demo_chats import write_demo_chats
+from sae_jax.data import text as text_module
 from sae_jax.data.text import TextConfig, TextSource
 from sae_jax.tokenizer import llama3_tokenizer
 
@@ -91,12 +92,17 @@ def test_packed_batches_cut_the_row_stream(tok, chats):
     assert src.state()["offset"] > 0  # cut mid-row
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_text_resumes_exactly_across_epochs(tok, tmp_path, pack):
+@pytest.mark.parametrize("pack, read_rows", [(False, 64), (True, 64), (False, 3), (True, 2)])
+def test_text_resumes_exactly_across_epochs(tok, tmp_path, monkeypatch, pack, read_rows):
+    monkeypatch.setattr(text_module, "READ_ROWS", read_rows)  # rows tokenized per call: a read-ahead detail
     path = write_demo_chats(tmp_path / "small.jsonl", 7, seed=1)
     cfg = TextConfig(path=str(path), context_size=40, seqs_per_batch=3, pack=pack)
     states, batches = take(TextSource(cfg, tok), 14)
     assert states[-1]["epoch"] >= 1
+    if pack:  # the stream wraps around: epoch after epoch of the same rows
+        epoch = [i for line in path.read_text().splitlines() for i in format_chat(tok, json.loads(line)["conversation"]).input_ids]
+        flat = np.concatenate([b.input_ids.ravel() for b in batches]).tolist()
+        assert flat == (epoch * (len(flat) // len(epoch) + 1))[: len(flat)]
     for i in (0, 1, 5, 9, 13):
         fresh = TextSource(cfg, tok)
         fresh.restore(states[i])

@@ -14,16 +14,18 @@ row already emitted (only ever non-zero with `pack`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from sae_jax.chat import format_chat
+from sae_jax.chat import ChatFormatter, check_turn
 from sae_jax.config import ConfigError, opt
 from sae_jax.tokenizer import load_tokenizer, special_ids
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+READ_ROWS = 64  # rows tokenized per tokenizer call (the Rust tokenizer spreads a call over cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +82,18 @@ class TextSource:
         """`tokenizer` defaults to `load_tokenizer(cfg.tokenizer)`."""
         self.cfg, self.tokenizer = cfg, load_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
         self.rows = open_rows(cfg)
-        self.special = np.array(sorted(special_ids(tokenizer)), dtype=np.int64)
-        self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+        tok = self.tokenizer
+        self.special = np.array(sorted(special_ids(tok)), dtype=np.int64)
+        self.pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
+        self.chat = ChatFormatter(tok)
         self.epoch, self.row, self.offset = 0, 0, 0
-        self._it: Iterator | None = None
-        self._current: list[int] | None = None  # tokens of row `self.row`, once read
-        self._unusable = 0  # rows in a row with nothing to keep
-        first = next(iter(self.rows.take(1)), None)
-        if first is None:
+        self._it: Iterator | None = None  # rows from `_read_start + len(_read)` on
+        self._read_start, self._read = 0, []  # tokens of the rows read ahead, from row `_read_start`
+        self._unusable = 0  # consecutive rows with nothing to keep
+        first = list(self.rows.take(1))
+        if not first:
             raise ValueError(f"{cfg.path}: no rows")
-        self._tokens(first, 0)  # a missing or malformed field fails here, not mid-run
+        self._tokenize(first, 0)  # a missing or malformed field fails here, not mid-run
 
     def next_batch(self) -> TokenBatch:
         """The next S sequences: [S, T] int32 ids, [S, T] int32 attention mask, [S, T] bool keep."""
@@ -109,7 +113,7 @@ class TextSource:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.epoch, self.row, self.offset = int(state["epoch"]), int(state["row"]), int(state["offset"])
-        self._it, self._current = None, None
+        self._it, self._read = None, []
 
     # --- internals --------------------------------------------------------------------
 
@@ -129,46 +133,67 @@ class TextSource:
 
     def _row_tokens(self) -> list[int]:
         """Tokens of the current row, skipping rows with nothing to keep."""
-        while self._current is None:
-            if self._it is None:
-                self._it = iter(self.rows.skip(self.row) if self.row else self.rows)
-            row = next(self._it, None)
-            if row is None:
-                self._wrap()
+        while True:
+            i = self.row - self._read_start
+            if not 0 <= i < len(self._read):
+                self._read_ahead()
                 continue
-            tokens = self._tokens(row, self.row)
-            if self._usable(tokens):
-                self._current, self._unusable = tokens, 0
-            else:
-                self._unusable += 1
-                self.row += 1
-        return self._current
+            if self._usable(self._read[i]):
+                self._unusable = 0
+                return self._read[i]
+            self._unusable += 1
+            self.row, self.offset = self.row + 1, 0
 
     def _next_row(self) -> None:
-        self.row, self.offset, self._current = self.row + 1, 0, None
+        self.row, self.offset = self.row + 1, 0
 
-    def _wrap(self) -> None:
-        if self.row == 0 or self._unusable >= self.row:
-            raise ValueError(f"{self.cfg.path}: no row has tokens to keep in field {self.cfg.field!r}")
-        self.epoch, self.row, self._it = self.epoch + 1, 0, None
+    def _read_ahead(self) -> None:
+        """Tokenize the next READ_ROWS rows from `self.row`, wrapping to the next epoch at the end."""
+        if self._it is None:
+            self._it = iter(self.rows.skip(self.row) if self.row else self.rows)
+        rows = list(itertools.islice(self._it, READ_ROWS))
+        if not rows:
+            if self.row == 0 or self._unusable >= self.row:
+                raise ValueError(f"{self.cfg.path}: no row has tokens to keep in field {self.cfg.field!r}")
+            self.epoch, self.row, self._it = self.epoch + 1, 0, None
+            return
+        self._read_start, self._read = self.row, self._tokenize(rows, self.row)
 
     def _usable(self, tokens: list[int]) -> bool:
         if not self.cfg.exclude_special:
             return bool(tokens)
         return bool(np.any(~np.isin(np.asarray(tokens, dtype=np.int64), self.special)))
 
-    def _tokens(self, row: dict, index: int) -> list[int]:
-        value = row.get(self.cfg.field) if isinstance(row, dict) else None
+    def _tokenize(self, rows: list[dict], first: int) -> list[list[int]]:
+        """Token ids of each row (rows `first`, `first` + 1, ...): chat-formatted turns, or BOS + text."""
+        values = [self._value(row, first + j) for j, row in enumerate(rows)]
+        out: list[list[int] | None] = [None] * len(values)
+        texts = [j for j, v in enumerate(values) if isinstance(v, str)]
+        if texts:
+            bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+            ids = self.tokenizer([values[j] for j in texts], add_special_tokens=False)["input_ids"]
+            for j, x in zip(texts, ids):
+                out[j] = bos + x
+        chats = [j for j, v in enumerate(values) if not isinstance(v, str)]
+        if chats:
+            for j, chat in zip(chats, self.chat.many([values[j] for j in chats])):
+                out[j] = chat.input_ids
+        return out
+
+    def _value(self, row: dict, index: int):
+        """The row's field: a string, or a list of turns checked for shape."""
+        where = f"{self.cfg.path}: row {index}"
+        value = row.get(self.cfg.field)
         if value is None:
             found = sorted(k for k, v in row.items() if v is not None)
-            raise ValueError(f"{self.cfg.path}: row {index} has no field {self.cfg.field!r}; found {found}")
-        if isinstance(value, str):
-            bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
-            return bos + self.tokenizer(value, add_special_tokens=False)["input_ids"]
+            raise ValueError(f"{where} has no field {self.cfg.field!r}; found {found}")
         if isinstance(value, list):
             try:
-                return format_chat(self.tokenizer, value).input_ids
+                for i, m in enumerate(value):
+                    check_turn(m, i)
             except ValueError as e:
-                raise ValueError(f"{self.cfg.path}: row {index} field {self.cfg.field!r}: {e}") from None
-        raise ValueError(f"{self.cfg.path}: row {index} field {self.cfg.field!r}: expected a string or a list of turns, "
-                         f"found {type(value).__name__}")
+                raise ValueError(f"{where} field {self.cfg.field!r}: {e}") from None
+        elif not isinstance(value, str):
+            raise ValueError(f"{where} field {self.cfg.field!r}: expected a string or a list of turns, "
+                             f"found {type(value).__name__}")
+        return value
