@@ -100,16 +100,20 @@ def convert_llama3(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
 def llama3_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:
     """The Llama-3 tokenizer (128256 ids, bos 128000), converted once and cached in `cache_dir`."""
     src = tiktoken_file()
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    recipe = repr((PATTERN, SPECIAL_TOKENS, CHAT_TEMPLATE)).encode()  # a changed recipe gets a new folder
+    digest = hashlib.sha256(src.read_bytes() + recipe).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     target = root / f"llama3-tokenizer-{digest}"
     if not (target / "tokenizer.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-tokenizer-"))
-        convert_llama3(src).save_pretrained(tmp)
         try:
-            os.replace(tmp, target)  # atomic; another process may have won the race
+            convert_llama3(src).save_pretrained(tmp)
+            os.replace(tmp, target)  # atomic
         except OSError:
+            if not (target / "tokenizer.json").is_file():  # else another process got there first
+                raise
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(target, local_files_only=True)
 

@@ -1,5 +1,6 @@
 """Text rows -> token batches -> shuffled activation batches: exact contents, resumption, errors."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -119,7 +120,7 @@ def test_plain_text_parquet(tok, tmp_path):
     for s, text in enumerate([texts[0], texts[2]]):  # the empty row holds only BOS: nothing to keep, skipped
         expected = [128000] + tok(text, add_special_tokens=False)["input_ids"]
         assert b.input_ids[s, : len(expected)].tolist() == expected and b.attention_mask[s].sum() == len(expected)
-    b = TextSource(TextConfig(**{**cfg.__dict__, "exclude_special": False}), tok).next_batch()
+    b = TextSource(dataclasses.replace(cfg, exclude_special=False), tok).next_batch()
     assert b.input_ids[1, :2].tolist() == [128000, tok.eos_token_id] and b.attention_mask[1].sum() == 1
 
 
