@@ -1,0 +1,66 @@
+"""`python train.py`: bad configs end in one line on stderr, non-zero exit, no traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, sets, expected",
+    [
+        ("train: {stpes: 10}\n", [], "train.stpes: unknown key"),
+        ("train: {steps: ten}\n", [], "train.steps: expected an integer, found str 'ten'"),
+        ("train: {lr: -0.001}\n", [], "train.lr: expected a finite number > 0, found -0.001"),
+        ("sae: {architecture: topk, d_in: 8, expansion: 2, k: 17}\n", [], "sae.k: expected 1 <= k <= N = 16 for topk, found 17"),
+        ("data: {source: disk, disk: {path: /no/such/acts}}\n", [], "data.disk.path: expected an existing file or folder"),
+        ("", ["sae.architecture=gated"], "sae.architecture: expected 'relu' or 'topk', found 'gated'"),
+        ("", ["train"], "--set train: expected key.path=value"),
+        ("[1, 2]\n", [], "expected a mapping at the top level"),
+    ],
+)
+def test_bad_config_is_one_line(tmp_path, yaml_text, sets, expected):
+    args = ["--config", write(tmp_path, yaml_text)]
+    for s in sets:
+        args += ["--set", s]
+    r = run_train(*args)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert expected in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    r = run_train("--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: expected a YAML config file, found no such file"
+
+
+def test_help_config_documents_every_key():
+    r = run_train("--help-config")
+    assert r.returncode == 0
+    assert "train.l1_coefficient = 5.0: lambda in loss" in r.stdout
+    assert "sae.hook_site = 'input'" in r.stdout
+
+
+def test_train_cli_trains_resumes_and_exports(tmp_path):
+    args = ["--no-progress", "--set", f"run.out_dir={tmp_path / 'run'}", "--set", "sae.d_in=8", "--set", "sae.expansion=2",
+            "--set", "data.batch_size=16", "--set", "train.steps=6", "--set", "train.lr_warmup_steps=1", "--set", "run.save_every=3"]
+    r = run_train(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"trained 6 steps; SAE exported to {tmp_path / 'run' / 'sae'}" in r.stdout
+    r2 = run_train(*args)  # the same command again: nothing left to do, same result
+    assert r2.returncode == 0 and "trained 6 steps" in r2.stdout
