@@ -6,11 +6,10 @@ An input_scale other than 1 is folded into the weights: these formats take raw a
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from sae_jax.formats import SAEFormatError, load_sae, save_sae
+from sae_jax.formats import SAEFormatError, load_sae, quiet_orbax, save_sae
 
 _BY_SUFFIX = {".pt": "pt", ".pth": "pt", ".safetensors": "safetensors"}
 
@@ -25,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset-path", help="SAELens metadata.dataset_path, e.g. lmsys/lmsys-chat-1m")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = p.parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's warnings would break the one-line error
+    quiet_orbax()
     fmt = args.format or _BY_SUFFIX.get(Path(args.dst).suffix, "saelens")
     fields = {"model_name": args.model_name, "context_size": args.context_size, "dataset_path": args.dataset_path}
     metadata = {k: v for k, v in fields.items() if v is not None}

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from sae_jax.formats import SAEFormatError, load_sae, save_sae
+from sae_jax.formats import SAEFormatError, load_sae, quiet_orbax, save_sae
 from sae_jax.sae import SITES
 
 
@@ -18,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hook-site", choices=SITES, help="input: entering the layer (the notebook's hook); output: leaving it (default: SAELens's hook_name, else input)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = p.parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's warnings would break the one-line error
+    quiet_orbax()
     try:
         sae = load_sae(args.src, hook_layer=args.hook_layer, hook_site=args.hook_site)
         dst = save_sae(sae, args.dst, "jax", overwrite=args.overwrite)

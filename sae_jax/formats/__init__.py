@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sae_jax.atomic import atomic_dir, atomic_file
 from sae_jax.formats.common import SAEFormatError, check_sae, error
-from sae_jax.formats.native import load_jax, write_jax
+from sae_jax.formats.native import load_jax, quiet_orbax, write_jax
 from sae_jax.formats.release import load_release, write_release
 from sae_jax.formats.saelens import hook_name, load_saelens, parse_hook_name, write_saelens
 from sae_jax.formats.tensorfile import PT_SUFFIXES, SAFETENSORS_SUFFIX
@@ -28,7 +28,7 @@ from sae_jax.sae import SAE, Site, fold_input_scale
 
 FORMATS = ("jax", "pt", "safetensors", "saelens")
 
-__all__ = ["FORMATS", "SAEFormatError", "detect_format", "hook_name", "load_sae", "parse_hook_name", "save_sae"]
+__all__ = ["FORMATS", "SAEFormatError", "detect_format", "hook_name", "load_sae", "parse_hook_name", "quiet_orbax", "save_sae"]
 
 
 def detect_format(path: str | Path) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -87,3 +89,20 @@ def _check_stored(params_dir: Path, stored: dict, spec: SAESpec) -> None:
             raise error(params_dir, name, f"shape {list(shapes[name])} from {SPEC}", list(found_shape))
         if found_dtype != spec.dtype:
             raise error(params_dir, name, f"dtype {spec.dtype} from {SPEC}", found_dtype)
+
+
+def quiet_orbax() -> None:
+    """For entry points: keep orbax's noise off stderr, so an error stays one line.
+
+    Process-wide. Silences absl warnings, and the "Event loop is closed" reports
+    that tensorstore's late callbacks raise (as unraisable exceptions) once a
+    failed restore has closed orbax's event loop; other unraisables still print.
+    """
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    default = sys.unraisablehook
+
+    def hook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            default(u)
+
+    sys.unraisablehook = hook
