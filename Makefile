@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m sae_jax.demo demo
 	$(PY) train.py --config configs/demo.yaml
 
 test: $(STAMP)

@@ -83,17 +83,65 @@ class DiskConfig:
             raise ConfigError(f"{path}.path: expected an existing file or folder, found no such path {self.path!r}")
 
 
+# Local dataset files and the `datasets` builder that reads each.
+TEXT_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    path: str = opt("", "A hub dataset id (e.g. 'lmsys/lmsys-chat-1m') or a local .jsonl/.json/.parquet file.")
+    name: str | None = opt(None, "Hub dataset config name.")
+    split: str = opt("train", "Hub dataset split (local files have only 'train').")
+    streaming: bool = opt(True, "Stream rows instead of building an Arrow copy first.")
+    cache_dir: str | None = opt(None, "Where a non-streaming load writes its Arrow cache (null: the datasets default).")
+    field: str = opt("conversation", "Row field: a list of {role, content} turns (chat-formatted) or a string (BOS + text).")
+    tokenizer: str = opt("llama3-offline", "'llama3-offline' (built from llama-models' tiktoken file) or a tokenizer folder.")
+    context_size: int = opt(1024, "T, tokens per sequence (release: 1024).")
+    seqs_per_batch: int = opt(8, "S, sequences per forward pass.")
+    pack: bool = opt(False, "Concatenate rows and cut T-token chunks, instead of one truncated, padded row per sequence.")
+    exclude_special: bool = opt(True, "Keep no special-token positions (BOS, headers, eot): the BOS residual's norm is outsized.")
+    buffer_tokens: int = opt(1 << 18, "C, shuffle-buffer capacity in tokens (each refill harvests C/2).")
+
+    def check(self, path: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{path}.path: expected a hub dataset id or a local file, found nothing")
+        local = Path(self.path).expanduser()
+        if local.suffix in TEXT_FILE_SUFFIXES and not local.is_file():
+            raise ConfigError(f"{path}.path: expected an existing file, found no such file {self.path!r}")
+        for name in ("context_size", "seqs_per_batch", "buffer_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}: expected an integer > 0, found {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    path: str = opt("", "A local Hugging Face folder of a Llama-3 checkpoint (config.json + model.safetensors).")
+    dtype: Literal["float32", "bfloat16"] = opt("bfloat16", "Compute dtype of the forward that harvests activations.")
+
+    def check(self, path: str) -> None:
+        if not (Path(self.path) / "config.json").is_file():
+            raise ConfigError(
+                f"{path}.path: expected a local Hugging Face folder with config.json, found {self.path!r} "
+                "(nothing is downloaded: fetch the checkpoint first, e.g. `hf download meta-llama/Llama-3.2-1B-Instruct --local-dir DIR`)"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: Literal["synthetic", "disk"] = opt("synthetic", "Where activations come from: 'synthetic' ground truth or 'disk' shards.")
+    source: Literal["synthetic", "disk", "llama"] = opt(
+        "synthetic", "Where activations come from: 'synthetic' ground truth, 'disk' shards, or 'llama' (text run through data.model)."
+    )
     batch_size: int = opt(4096, "Tokens per training step (B).")
     seed: int = opt(0, "Seed of the data stream (sampling, shuffling).")
     synthetic: SyntheticConfig = opt(SyntheticConfig(), "Synthetic ground-truth activations.")
     disk: DiskConfig = opt(DiskConfig(), "Activations stored on disk.")
+    model: ModelConfig = opt(ModelConfig(), "The Llama whose residual stream is harvested (source 'llama').")
+    text: TextConfig = opt(TextConfig(), "The text fed to the model (source 'llama').")
 
     def check(self, path: str) -> None:
         _positive(self, path, "batch_size")
-        getattr(self, self.source).check(f"{path}.{self.source}")
+        for section in {"synthetic": ["synthetic"], "disk": ["disk"], "llama": ["model", "text"]}[self.source]:
+            getattr(self, section).check(f"{path}.{section}")
 
 
 @dataclasses.dataclass(frozen=True)

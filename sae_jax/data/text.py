@@ -21,37 +21,10 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from sae_jax.chat import ChatFormatter, check_turn
-from sae_jax.config import ConfigError, opt
+from sae_jax.config import TEXT_FILE_SUFFIXES as FILE_BUILDERS, TextConfig
 from sae_jax.tokenizer import load_tokenizer, special_ids
 
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 READ_ROWS = 64  # rows tokenized per tokenizer call (the Rust tokenizer spreads a call over cores)
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConfig:
-    path: str = opt("", "A hub dataset id (e.g. 'lmsys/lmsys-chat-1m') or a local .jsonl/.json/.parquet file.")
-    name: str | None = opt(None, "Hub dataset config name.")
-    split: str = opt("train", "Hub dataset split (local files have only 'train').")
-    streaming: bool = opt(True, "Stream rows instead of building an Arrow copy first.")
-    cache_dir: str | None = opt(None, "Where a non-streaming load writes its Arrow cache (null: the datasets default).")
-    field: str = opt("conversation", "Row field: a list of {role, content} turns (chat-formatted) or a string (BOS + text).")
-    tokenizer: str = opt("llama3-offline", "'llama3-offline' (built from llama-models' tiktoken file) or a tokenizer folder.")
-    context_size: int = opt(1024, "T, tokens per sequence (release: 1024).")
-    seqs_per_batch: int = opt(8, "S, sequences per forward pass.")
-    pack: bool = opt(False, "Concatenate rows and cut T-token chunks, instead of one truncated, padded row per sequence.")
-    exclude_special: bool = opt(True, "Keep no special-token positions (BOS, headers, eot): the BOS residual's norm is outsized.")
-    buffer_tokens: int = opt(1 << 18, "C, shuffle-buffer capacity in tokens (each refill harvests C/2).")
-
-    def check(self, path: str) -> None:
-        if not self.path:
-            raise ConfigError(f"{path}.path: expected a hub dataset id or a local file, found nothing")
-        local = Path(self.path).expanduser()
-        if local.suffix in FILE_BUILDERS and not local.is_file():
-            raise ConfigError(f"{path}.path: expected an existing file, found no such file {self.path!r}")
-        for name in ("context_size", "seqs_per_batch", "buffer_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{path}.{name}: expected an integer > 0, found {getattr(self, name)}")
 
 
 class TokenBatch(NamedTuple):
