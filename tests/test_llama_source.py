@@ -73,3 +73,15 @@ def test_llama_source_mismatch_is_one_line(assets, tmp_path, extra, message):
 def test_missing_model_folder_is_refused_at_load(tmp_path):
     with pytest.raises(ConfigError, match=r"data.model.path: expected a local Hugging Face folder with config.json"):
         load_config(None, ["data.source=llama", f"data.model.path={tmp_path}", f"data.text.path={tmp_path / 'x.jsonl'}"])
+
+
+def test_release_config_is_the_release_shape(assets):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "llama-3.2-1b-instruct-l9.yaml"
+    cfg = load_config(path, [f"data.model.path={assets / 'model'}"])
+    assert (cfg.sae.architecture, cfg.sae.d_in, cfg.sae.n_latents) == ("relu", 2048, 32768)
+    assert (cfg.sae.hook_layer, cfg.sae.hook_site) == (9, "input")
+    assert (cfg.data.batch_size, cfg.data.text.context_size, cfg.data.text.path) == (4096, 1024, "lmsys/lmsys-chat-1m")
+    with pytest.raises(ConfigError, match="data.model.path: expected a local Hugging Face folder"):
+        load_config(path)  # the default model folder is not on this machine
