@@ -70,14 +70,23 @@ class Attention(nnx.Module):
         Positions come in explicitly so that a KV cache can later pass keys from
         earlier steps with their own positions.
         """
+        q, k, v = self.qkv(x, positions)
+        return self.out(attend(q, k, v, mask))
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [B, T, D], positions: [B, T] -> q [B, T, KV, G, H] and k [B, T, KV, H] rotated, v [B, T, KV, H]."""
         c, dt = self.cfg, self.dtype
         D, KV, G, H = c.hidden_size, c.num_kv_heads, c.groups, c.head_dim
         q = jnp.einsum("btd,kghd->btkgh", x, self.q[...].astype(dt).reshape(KV, G, H, D))
         k = jnp.einsum("btd,khd->btkh", x, self.k[...].astype(dt).reshape(KV, H, D))
         v = jnp.einsum("btd,khd->btkh", x, self.v[...].astype(dt).reshape(KV, H, D))
         cos, sin = rope.cos_sin(c, positions)
-        out = attend(rope.apply(q, cos, sin), rope.apply(k, cos, sin), v, mask)
-        return jnp.einsum("btkgh,dkgh->btd", out, self.o[...].astype(dt).reshape(D, KV, G, H))
+        return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
+
+    def out(self, o: jax.Array) -> jax.Array:
+        """o: [B, T, KV, G, H] attended values -> [B, T, D]."""
+        c = self.cfg
+        return jnp.einsum("btkgh,dkgh->btd", o, self.o[...].astype(self.dtype).reshape(c.hidden_size, c.num_kv_heads, c.groups, c.head_dim))
 
 
 class MLP(nnx.Module):
