@@ -1,5 +1,13 @@
-"""sae-jax: sparse autoencoders on Llama-3 activations in JAX."""
+"""sae-jax: sparse autoencoders on Llama-3 activations in JAX.
 
+The public surface: the SAE (spec, params, encode/decode/forward), reading and
+writing it in every supported format, and the typed training config. Models,
+data, evaluation and steering live in their own modules (`sae_jax.llama`,
+`sae_jax.data`, ...).
+"""
+
+from sae_jax.config import Config, ConfigError, load_config
+from sae_jax.formats import FORMATS, SAEFormatError, load_sae, save_sae
 from sae_jax.sae import (
     SAE,
     SAEParams,
@@ -12,7 +20,11 @@ from sae_jax.sae import (
 )
 
 __all__ = [
+    "FORMATS",
     "SAE",
+    "Config",
+    "ConfigError",
+    "SAEFormatError",
     "SAEParams",
     "SAESpec",
     "decode",
@@ -20,4 +32,7 @@ __all__ = [
     "explained_variance",
     "forward",
     "init_params",
+    "load_config",
+    "load_sae",
+    "save_sae",
 ]
