@@ -92,7 +92,7 @@ def setup(tmp_path_factory):
     x[:, 1500] -= 25.0
     with torch.no_grad():
         sigma = m.encoder(x).std()
-        m.encoder.bias.copy_(-2.9 * sigma + 0.1 * sigma * torch.randn(N))  # ~60 active latents per token
+        m.encoder.bias.copy_(-2.7 * sigma + 0.1 * sigma * torch.randn(N))  # ~60 active latents per token
     path = tmp_path_factory.mktemp("parity") / "release.pt"
     torch.save(m.state_dict(), path)
     sae = load_sae(path)
@@ -130,7 +130,9 @@ def test_explained_variance_matches_notebook_formula(setup):
         x_hat, _ = m(xt)
         ev_ref = 1 - ((x_hat - xt) ** 2).mean() / xt.var(unbiased=False)
     ev = explained_variance(jnp.asarray(x), forward(sae, jnp.asarray(x)).x_hat)
-    assert abs(float(ev) - float(ev_ref)) < RTOL * abs(float(ev_ref)) + 1e-6
+    # An untrained SAE explains ~nothing, so compare absolutely: 1e-6 still tells
+    # var with ddof=1 from ddof=0, which moves the value by 1/(B*D) = 3e-5.
+    assert abs(float(ev) - float(ev_ref)) < 1e-6
 
 
 def test_loss_and_gradients_match_torch(setup):
