@@ -245,7 +245,7 @@ def test_failed_write_keeps_the_old_output_and_leaves_nothing_else(tmp_path, mon
     with pytest.raises(OSError, match="disk full"):
         save_sae(cast(small_sae(), "float16"), tmp_path / name, fmt, overwrite=True)
     with pytest.raises(OSError, match="disk full"):
-        save_sae(small_sae(), tmp_path / "fresh", fmt) if fmt != "pt" else save_sae(small_sae(), tmp_path / "fresh.pt", fmt)
+        save_sae(small_sae(), tmp_path / ("fresh.pt" if fmt == "pt" else "fresh"), fmt)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
     assert load_sae(tmp_path / name).spec.dtype == "float32"
 

@@ -37,7 +37,8 @@ def write_tensors(path: Path, tensors: dict[str, np.ndarray], kind: str) -> None
     tensors = {k: np.ascontiguousarray(a) for k, a in tensors.items()}
     if kind == "pt":
         torch = _torch(path)
-        torch.save({k: _to_torch(torch, a) for k, a in tensors.items()}, path)
+        with open(path, "wb") as f:  # a file object: the zip's inner folder is "archive", not the temporary's name
+            torch.save({k: _to_torch(torch, a) for k, a in tensors.items()}, f)
     else:
         from safetensors.numpy import save_file
 
