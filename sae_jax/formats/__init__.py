@@ -15,11 +15,12 @@ write goes to a temporary sibling renamed into place at the end.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
 from sae_jax.atomic import atomic_dir, atomic_file
-from sae_jax.formats.common import SAEFormatError, check_sae, error
+from sae_jax.formats.common import SAEFormatError, check_sae, error, first_line
 from sae_jax.formats.native import load_jax, quiet_orbax, write_jax
 from sae_jax.formats.release import load_release, write_release
 from sae_jax.formats.saelens import hook_name, load_saelens, parse_hook_name, write_saelens
@@ -100,6 +101,10 @@ def _check_destination(path: Path, format: str, overwrite: bool, metadata: Mappi
         raise error(path, "format", f"one of {', '.join(FORMATS)}", repr(format))
     if metadata and format != "saelens":
         raise error(path, "metadata", "only with format saelens", f"format {format}")
+    try:
+        json.dumps(dict(metadata or {}))
+    except (TypeError, ValueError) as e:
+        raise error(path, "metadata", "JSON values", first_line(e)) from None
     suffixes = {"pt": PT_SUFFIXES, "safetensors": (SAFETENSORS_SUFFIX,)}.get(format)
     if suffixes and path.suffix not in suffixes:  # load_sae tells the format by the suffix
         raise error(path, "suffix", f"{' or '.join(suffixes)} for format {format}", repr(path.suffix))

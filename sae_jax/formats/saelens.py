@@ -136,7 +136,7 @@ def _int_field(path: Path, cfg: dict, key: str) -> int:
 
 def _hook(path: Path, cfg: dict, hook_layer: int | None, hook_site: Site | None) -> tuple[int, Site]:
     """The (layer, site) from `hook_name` (in `metadata` since v6), overridden where given."""
-    name = _metadata(cfg).get("hook_name", cfg.get("hook_name"))
+    name = _metadata(cfg).get("hook_name") or cfg.get("hook_name")
     if hook_layer is not None and hook_site is not None:
         return hook_layer, hook_site
     parsed = parse_hook_name(name)
