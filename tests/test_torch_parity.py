@@ -80,6 +80,13 @@ def rel_err(ours, ref) -> float:
     return float(diff) / float(scale)
 
 
+@pytest.fixture(autouse=True)
+def true_fp32_matmuls():
+    """XLA may run f32 matmuls as TF32 on GPUs; pin full fp32 so the comparison means what it says."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(torch module, our SAE from its .pt, activations x [B, D] as numpy)."""
