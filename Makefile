@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) train.py --config configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -q tests
 
 clean:
 	rm -rf runs/demo demo
