@@ -1,0 +1,37 @@
+"""SAEs with known behaviour for the evaluation, steering and inspection tests."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax.sae import SAE, SAEParams, SAESpec
+
+
+def make_sae(W_enc, b_enc, W_dec, b_dec, layer: int, site: str = "input") -> SAE:
+    p = SAEParams(*(jnp.asarray(np.asarray(a), jnp.float32) for a in (W_enc, b_enc, W_dec, b_dec)))
+    return SAE(p, SAESpec("relu", p.W_enc.shape[0], p.W_enc.shape[1], hook_layer=layer, hook_site=site))
+
+
+def exact_sae(D: int, layer: int, site: str = "input") -> SAE:
+    """N = 2D, W_enc = [I, -I], W_dec = [I; -I], zero biases: relu(x) - relu(-x) = x, so x_hat == x bit for bit."""
+    I = np.eye(D, dtype=np.float32)
+    return make_sae(np.concatenate([I, -I], 1), np.zeros(2 * D), np.concatenate([I, -I], 0), np.zeros(D), layer, site)
+
+
+def zero_sae(D: int, N: int, layer: int, site: str = "input") -> SAE:
+    """All weights and biases 0: no latent ever fires and x_hat == 0, which is zero ablation."""
+    return make_sae(np.zeros((D, N)), np.zeros(N), np.zeros((N, D)), np.zeros(D), layer, site)
+
+
+def pca_sae(X: np.ndarray, k: int, layer: int, site: str) -> SAE:
+    """The best rank-k affine reconstruction of X [n, D]: x_hat = mu + U U^T (x - mu), U the top-k principal axes.
+
+    As an SAE: N = 2k, W_enc = [U, -U], b_enc = [-mu U, mu U], W_dec = W_enc^T, b_dec = mu.
+    """
+    X = np.asarray(X, np.float64)
+    mu = X.mean(0)
+    _, vecs = np.linalg.eigh(np.cov((X - mu).T))
+    U = vecs[:, ::-1][:, :k]
+    W_enc = np.concatenate([U, -U], 1)
+    return make_sae(W_enc, np.concatenate([-mu @ U, mu @ U]), W_enc.T, mu, layer, site)
