@@ -23,7 +23,10 @@ def main(argv=None) -> int:
         print("\n".join(describe()))
         return 0
     cfg = load_config(args.config, args.set)
+    from sae_jax.formats import quiet_orbax
     from sae_jax.run import train
+
+    quiet_orbax()
 
     result = train(cfg, progress=not args.no_progress)
     print(f"trained {int(result.state.step)} steps; SAE exported to {result.run_dir / 'sae'}")

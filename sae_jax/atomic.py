@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -49,3 +50,19 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Remove what a process killed inside atomic_file/atomic_dir for `path` left beside it; return those paths.
+
+    Only for paths one process owns (a run directory): a temporary sibling
+    another live writer is filling would be removed too.
+    """
+    path = Path(path)
+    found = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*") if p.name.endswith(".tmp") or p.name == f".{path.name}.old"]
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found

@@ -4,19 +4,35 @@ A checkpoint holds the TrainState pytree (params, optimizer state, step, RNG
 key, dead-latent counters) and a JSON `meta` (the data source's position and
 the input scale). Orbax writes each step to a temporary directory and renames
 it on success, so a crash mid-write leaves no checkpoint that looks complete;
-one that is damaged anyway is skipped with a warning at restore.
+the temporary directories a crash leaves are removed when the next run opens
+the directory. `meta` also carries a fingerprint of the state and of itself:
+orbax checksums its array files, but nothing checks that `meta` (plain JSON)
+or the tree read back is what was saved. A checkpoint that fails to read or to
+match its fingerprint is named in a warning, renamed `<step>.unreadable` (out
+of orbax's sight, so the step can be saved again) and the one before is tried.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+FINGERPRINT = "fingerprint"
+UNREADABLE = ".unreadable"
 
 
 class CheckpointError(RuntimeError):
@@ -26,39 +42,135 @@ class CheckpointError(RuntimeError):
 class Checkpoints:
     def __init__(self, directory: str | Path, keep: int):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # the step of the save that may still be in flight
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
+        )
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except Exception as e:  # orbax raises what the file system says, wrapped or not
+            raise CheckpointError(f"{self.directory}: cannot open the checkpoint directory ({reason(e)})") from None
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Start an async save of `state` and `meta` at `step`; returns once the arrays are copied off."""
+        """Start an async save of `state` and `meta` at `step`; returns once the arrays are copied off.
+
+        A failure of the previous save surfaces here (or in `wait`) as a CheckpointError.
+        """
+        meta = {**meta, FINGERPRINT: fingerprint(state, meta)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.manager.save(step, args=args, force=True)
+        self.wait()
+        self._pending = step
+        with self._failure(step):
+            self.manager.save(step, args=args, force=True)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest readable checkpoint, or None if there is none.
 
-        A checkpoint that fails to read is named in a warning and the one before it is tried.
+        A checkpoint that fails to read or to match its fingerprint is named in a
+        warning, set aside as `<step>.unreadable`, and the one before is tried.
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
                 restored = self.manager.restore(step, args=args)
-                _check_like(restored.state, abstract_state)
-                return step, restored.state, dict(restored.meta)
+                meta = _checked(restored.state, restored.meta, abstract_state)
+                return step, restored.state, meta
             except Exception as e:  # orbax and tensorstore raise many types for damaged files
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                log.warning("checkpoint %s is unreadable (%s: %s); trying the one before", self.directory / str(step), type(e).__name__, first[:200])
+                path = self.directory / str(step)
+                aside = self._set_aside(path)
+                log.warning("checkpoint %s is unreadable (%s); moved to %s, trying the one before", path, _first_line(e), aside.name)
         return None
 
+    def _set_aside(self, path: Path) -> Path:
+        aside = path.with_name(path.name + UNREADABLE)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        self.manager.reload()
+        return aside
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the save in flight is on disk; CheckpointError if it failed."""
+        with self._failure(self._pending):
+            self.manager.wait_until_finished()
+        self._pending = None
+
+    @contextlib.contextmanager
+    def _failure(self, step: int | None):
+        try:
+            yield
+        except Exception as e:  # tensorstore reports I/O errors as ValueError, orbax adds its own types
+            self._pending = None
+            where = self.directory / str(step) if step is not None else self.directory
+            raise CheckpointError(
+                f"checkpoint {where} could not be written ({reason(e)}); the checkpoints before it are kept, rerun to resume"
+            ) from None
 
     def close(self) -> None:
         self.manager.close()
 
 
-def _check_like(state: Any, abstract: Any) -> None:
+def reason(e: BaseException) -> str:
+    """A short cause: the OS error's text where there is one (tensorstore puts its code at the end), else the first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    return os.strerror(int(code.group(1))) if code else _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    """`Type: first line`, without tensorstore's spec dump, at most about 200 characters."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" [tensorstore_spec=")[0]
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def fingerprint(state: Any, meta: dict) -> str:
+    """Hex digest of every bit of `state` (reduced on its device) and of `meta` as canonical JSON."""
+    sums = np.asarray(jax.device_get(_state_sums(jax.tree.leaves(state))), np.uint32)
+    text = json.dumps({k: v for k, v in meta.items() if k != FINGERPRINT}, sort_keys=True)
+    return hashlib.sha256(sums.tobytes() + text.encode()).hexdigest()
+
+
+@jax.jit
+def _state_sums(leaves: list[jax.Array]) -> jax.Array:
+    """[2 * leaves] uint32: two position-weighted sums of each leaf's bits (wrapping).
+
+    The weights are odd, so changing any one word always changes the first sum.
+    """
+    out = []
+    for a in leaves:
+        u = _bits(a).ravel()
+        i = jnp.arange(u.size, dtype=jnp.uint32)
+        out.append(jnp.sum(u * (2 * i + 1), dtype=jnp.uint32))
+        out.append(jnp.sum((u ^ (u >> 16)) * (i * jnp.uint32(0x9E3779B1) | 1), dtype=jnp.uint32))
+    return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
+
+
+def _bits(a: jax.Array) -> jax.Array:
+    """The raw bits of `a` as uint32, one word per element."""
+    if a.dtype == jnp.bool_:
+        return a.astype(jnp.uint32)
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a = jax.random.key_data(a)
+    size = jnp.dtype(a.dtype).itemsize
+    if size >= 4:  # an 8-byte element becomes two words
+        return jax.lax.bitcast_convert_type(a, jnp.uint32)
+    return jax.lax.bitcast_convert_type(a, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+
+
+def _checked(state: Any, meta: Any, abstract: Any) -> dict:
+    """`meta` without its fingerprint, once shapes, dtypes and the fingerprint match."""
     got = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), state)
     want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), abstract)
     if got != want:
         raise CheckpointError("restored state does not match the config's shapes")
+    if not isinstance(meta, dict) or FINGERPRINT not in meta:
+        raise CheckpointError(f"meta: expected a JSON object with a {FINGERPRINT!r}, found {str(meta)[:80]}")
+    meta = dict(meta)
+    stored = meta.pop(FINGERPRINT)
+    if fingerprint(state, meta) != stored:
+        raise CheckpointError("state or meta differs from what was saved (fingerprint mismatch)")
+    return meta

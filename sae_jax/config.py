@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -234,16 +235,26 @@ def _type_name(t) -> str:
     return "null" if t is type(None) else getattr(t, "__name__", str(t))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def _show(value) -> str:
+    """repr(value), cut short: YAML aliases let a small file hold a value whose repr is gigabytes."""
+    return _REPR.repr(value)
+
+
 def _coerce(t, value, path: str):
     """Value of type t from YAML data, or ConfigError naming the path."""
     origin = typing.get_origin(t)
     if dataclasses.is_dataclass(t):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, found {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, found {type(value).__name__} {_show(value)}")
         return from_dict(t, value, path)
     if origin is Literal:
         if value not in typing.get_args(t):
-            raise ConfigError(f"{path}: expected {_type_name(t)}, found {value!r}")
+            raise ConfigError(f"{path}: expected {_type_name(t)}, found {_show(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(t):
@@ -251,18 +262,18 @@ def _coerce(t, value, path: str):
                 return _coerce(arg, value, path)
             except ConfigError:
                 pass
-        raise ConfigError(f"{path}: expected {_type_name(t)}, found {type(value).__name__} {value!r}")
+        raise ConfigError(f"{path}: expected {_type_name(t)}, found {type(value).__name__} {_show(value)}")
     if t is type(None):
         if value is not None:
-            raise ConfigError(f"{path}: expected null, found {value!r}")
+            raise ConfigError(f"{path}: expected null, found {_show(value)}")
         return None
     if t is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, found {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected true or false, found {type(value).__name__} {_show(value)}")
         return value
     if t is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, found {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected an integer, found {type(value).__name__} {_show(value)}")
         return value
     if t is float:
         if isinstance(value, str):
@@ -272,13 +283,13 @@ def _coerce(t, value, path: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, found {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a number, found {type(value).__name__} {_show(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"{path}: expected a finite number, found {value!r}")
+            raise ConfigError(f"{path}: expected a finite number, found {_show(value)}")
         return float(value)
     if t is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, found {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a string, found {type(value).__name__} {_show(value)}")
         return value
     raise TypeError(f"unsupported config type {t} at {path}")
 
@@ -308,8 +319,8 @@ def apply_override(data: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment}: expected a dotted key path, found {key!r}")
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({type(e).__name__})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"--set {key}: value {_show(raw)} is not valid YAML ({type(e).__name__})") from None
     node = data
     for i, p in enumerate(parts[:-1]):
         child = node.setdefault(p, {})
@@ -330,6 +341,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             data = yaml.safe_load(p.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level, found {type(data).__name__}")
     for o in overrides:

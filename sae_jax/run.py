@@ -23,7 +23,7 @@ from sae_jax.config import Config, ConfigError, to_dict
 from sae_jax.data import Source, make_source
 from sae_jax.sae import SAE, fold_input_scale
 from sae_jax.trainer import NONFINITE, TrainState, init_state, make_step, spec_from_config
-from sae_jax.atomic import atomic_write_text
+from sae_jax.atomic import atomic_write_text, remove_leftovers
 
 
 class NonFiniteError(RuntimeError):
@@ -53,14 +53,38 @@ def exported_sae(state: TrainState, cfg: Config, scale: float, source: str) -> S
     return fold_input_scale(SAE(jax.device_get(state.params), spec))
 
 
+def open_run_dir(cfg: Config) -> Path:
+    """Create `run.out_dir`, refuse one holding another run, clear a killed run's temporaries, write config.yaml."""
+    run_dir = Path(cfg.run.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.out_dir: expected a directory, found a file at {run_dir}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.out_dir: cannot create {run_dir} ({e.strerror or e})") from None
+    _check_same_run(run_dir, cfg)
+    for name in ("config.yaml", "metrics.jsonl", "sae"):
+        remove_leftovers(run_dir / name)
+    try:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    except OSError as e:
+        raise ConfigError(f"run.out_dir: cannot write in {run_dir} ({e.strerror or e})") from None
+    return run_dir
+
+
 def _check_same_run(run_dir: Path, cfg: Config) -> None:
     """Refuse to resume a run directory that was written by a different config (run.* may differ)."""
     old_path = run_dir / "config.yaml"
     if not old_path.exists():
         return
-    old = yaml.safe_load(old_path.read_text()) or {}
+    try:
+        old = yaml.safe_load(old_path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{old_path}: unreadable ({type(e).__name__}); use another run.out_dir") from None
     new = to_dict(cfg)
     for section in ("sae", "data", "train"):
+        if not isinstance(old, dict) or not isinstance(old.get(section, {}), dict):
+            raise ConfigError(f"{old_path}: expected the config a run wrote, found {type(old).__name__}; use another run.out_dir")
         for key, value in _flatten(new[section], section).items():
             was = _flatten(old.get(section, {}), section).get(key)
             if was != value:
@@ -91,10 +115,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 
 def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> RunResult:
     """Train (or resume) the run `cfg` describes. `stop_after`: return after that step without a final save, as if killed."""
-    run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_run(run_dir, cfg)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    run_dir = open_run_dir(cfg)
     source = make_source(cfg)
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.run.keep)
     metrics_path = run_dir / "metrics.jsonl"
@@ -110,8 +131,10 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
         _keep_metrics_until(metrics_path, start)
         state = _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, progress)
     finally:
-        ckpts.wait()
-        ckpts.close()
+        try:
+            ckpts.wait()
+        finally:
+            ckpts.close()
     done = int(state.step) >= cfg.train.steps
     sae = None
     if done:
@@ -141,7 +164,7 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
             log_now = done % cfg.run.log_every == 0 or done == t.steps
             save_now = done % cfg.run.save_every == 0 or done == t.steps
             if log_now or save_now:
-                skipped = _check_finite(state, t.on_nonfinite)
+                skipped = _check_finite(state, done, t.on_nonfinite, ckpts)
             if log_now:
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 now = time.perf_counter()
@@ -159,11 +182,24 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
     return state
 
 
-def _check_finite(state: TrainState, mode: str) -> int:
-    """The count of skipped steps; raises NonFiniteError at the first one when `mode` is 'stop'."""
-    skipped, (bad_step, what) = jax.device_get((state.skipped, state.first_bad))
+def _check_finite(state: TrainState, done: int, mode: str, ckpts: Checkpoints) -> int:
+    """The count of skipped steps, checked before anything is logged or saved.
+
+    Raises NonFiniteError at the first skipped step when `mode` is 'stop', and in
+    either mode when the params themselves are non-finite: finite gradients can
+    still step to them (a learning rate that overflows float32), and no skipped
+    batch can bring them back.
+    """
+    skipped, (bad_step, what), params_ok = jax.device_get((state.skipped, state.first_bad, _all_finite(state.params)))
+    last = ckpts.latest_step()
+    kept = f"the last good checkpoint, step {last}, is kept" if last is not None else "no checkpoint was saved before it"
     if mode == "stop" and bad_step >= 0:
-        raise NonFiniteError(
-            f"step {int(bad_step) + 1}: non-finite {NONFINITE[int(what)]}; stopped, the last good checkpoint is kept"
-        )
+        raise NonFiniteError(f"step {int(bad_step) + 1}: non-finite {NONFINITE[int(what)]}; stopped (train.on_nonfinite=stop), {kept}")
+    if not params_ok:
+        raise NonFiniteError(f"by step {done}: non-finite params (an update overflowed; is train.lr too large?); stopped, {kept}")
     return int(skipped)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))

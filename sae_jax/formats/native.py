@@ -65,7 +65,7 @@ def load_jax(folder: Path, hook_layer: int | None = None, hook_site: Site | None
 def _read_spec(path: Path) -> SAESpec:
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
         raise SAEFormatError(f"{path}: unreadable JSON ({first_line(e)})") from None
     if not isinstance(raw, dict):
         raise error(path, "top level", "a JSON object", type(raw).__name__)
@@ -94,11 +94,13 @@ def _check_stored(params_dir: Path, stored: dict, spec: SAESpec) -> None:
 def quiet_orbax() -> None:
     """For entry points: keep orbax's noise off stderr, so an error stays one line.
 
-    Process-wide. Silences absl warnings, and the "Event loop is closed" reports
-    that tensorstore's late callbacks raise (as unraisable exceptions) once a
-    failed restore has closed orbax's event loop; other unraisables still print.
+    Process-wide. Silences orbax's absl warnings and errors (a failed async save
+    logs its whole traceback there; the entry point reports the failure itself
+    in one line), and the "Event loop is closed" reports that tensorstore's late
+    callbacks raise (as unraisable exceptions) once a failed restore has closed
+    orbax's event loop; other unraisables still print.
     """
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     default = sys.unraisablehook
 
     def hook(u):

@@ -104,7 +104,7 @@ def write_saelens(sae: SAE, folder: Path, metadata: Mapping[str, object] | None 
 def _read_cfg(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
         raise SAEFormatError(f"{path}: unreadable JSON ({first_line(e)})") from None
     if not isinstance(cfg, dict):
         raise error(path, "top level", "a JSON object", type(cfg).__name__)
