@@ -317,10 +317,16 @@ def text_batches(text_cfg, skip_rows: int = 0, tokenizer=None) -> Iterator[Token
     source = TextSource(text_cfg, tokenizer)
     if skip_rows:
         source.restore({"epoch": 0, "row": skip_rows, "offset": 0})
+    first = True
     while True:
         batch = source.next_batch()
         if source.state()["epoch"] > 0:  # this batch reused rows; a held-out set counts each token once
+            if first:
+                c = text_cfg
+                raise ValueError(f"{c.path}: expected at least one batch ({c.seqs_per_batch} sequences) of rows "
+                                 f"from row {skip_rows} on, found fewer")
             return
+        first = False
         yield batch
 
 

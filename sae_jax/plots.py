@@ -51,7 +51,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (expected a run's metrics.jsonl)")
+        raise FileNotFoundError(f"{path}: no such file (expected a run directory or its metrics.jsonl)")
     rows: dict[int, dict] = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,3 +39,44 @@ def pca_sae(X: np.ndarray, k: int, layer: int, site: str) -> SAE:
     U = vecs[:, ::-1][:, :k]
     W_enc = np.concatenate([U, -U], 1)
     return make_sae(W_enc, np.concatenate([-mu @ U, mu @ U]), W_enc.T, mu, layer, site)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def entry_point(name: str):
+    """The root script `name`.py as a module, so its `main(argv)` runs in this process."""
+    spec = importlib.util.spec_from_file_location(f"entry_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_entry(module, argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `module.main(argv)` wrapped as the script wraps it."""
+    from sae_jax.cli import fail_in_one_line
+
+    capsys.readouterr()
+    rc = fail_in_one_line(lambda: module.main([str(a) for a in argv]))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+class Workspace(NamedTuple):
+    model: Path  # a tiny 4-layer Llama with the real vocabulary and the offline tokenizer saved beside it
+    chats: Path  # 40 LMSYS-shaped rows
+    sae: Path  # the exact SAE at the input of layer 2, sae-jax format
+    narrow_sae: Path  # a D=32 SAE, release .safetensors: the wrong width for the model
+
+
+def cli_workspace(root: Path, tokenizer) -> Workspace:
+    from llama_helpers import tiny
+    from sae_jax.data.demo_chats import write_demo_chats
+    from sae_jax.formats import save_sae
+
+    model = tiny(root / "model", num_hidden_layers=4, vocab_size=128256)
+    tokenizer.save_pretrained(model)
+    chats = write_demo_chats(root / "chats.jsonl", 40, seed=0)
+    sae = save_sae(exact_sae(64, 2), root / "sae")
+    narrow = save_sae(exact_sae(32, 2), root / "narrow.safetensors", "safetensors")
+    return Workspace(model, chats, sae, narrow)
