@@ -194,7 +194,9 @@ class Evaluation:
 
     @property
     def best_site(self) -> SiteFit:
-        return max(self.sites, key=lambda s: s.explained_variance)
+        """The residual with the highest explained variance; on a tie, the SAE's own site."""
+        own = self.layer + (self.site == "output")
+        return max(self.sites, key=lambda s: (s.explained_variance, s.index == own))
 
     def to_json(self) -> dict:
         """Every number, with the site check and the LM losses; the density array is left to its own file."""
@@ -228,6 +230,8 @@ class Evaluation:
             ]
         lines = [f"layer {self.layer} {self.site}: {self.tokens} tokens in {self.sequences} sequences"]
         lines += [f"  {k:<34} {v:>10}" for k, v in rows]
+        if self.lm is not None and self.lm.ce_zero <= self.lm.ce_clean:
+            lines.append("  note: zero ablation does not raise the loss here, so loss recovered means nothing")
         best = self.best_site
         lines.append("site check (explained variance of this SAE on each residual):")
         for s in self.sites:

@@ -74,6 +74,7 @@ def plot_curves(metrics: str | Path, path: str | Path, names: tuple[str, ...] | 
     `names` defaults to those of CURVES the file has; a named metric it lacks is a ValueError.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
 
     rows = read_metrics(metrics)
     present = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -93,8 +94,7 @@ def plot_curves(metrics: str | Path, path: str | Path, names: tuple[str, ...] | 
         ax.plot(*data[n], color="tab:blue")
         ax.set_title(n)
         ax.set_xlabel("tokens")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 400k, 1.2M
         ax.grid(alpha=0.3)
-        if n in ("loss", "mse") and np.all(data[n][1] > 0):
-            ax.set_yscale("log")
     _save(fig, Path(path))
     return data

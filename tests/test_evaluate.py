@@ -53,12 +53,14 @@ def test_exact_sae_recovers_all_the_loss(model, batches):
     n_kept = sum(int(b.keep.sum()) for b in batches)
     assert (r.tokens, r.sequences) == (n_kept, 12)
     assert r.mse == 0 and r.explained_variance == 1 and r.fvu_per_token == 0
+    assert [s.explained_variance for s in r.sites] == [1, 1, 1, 1] and r.best_site.index == L  # a tie: its own site wins
     assert r.l0 == D and r.dead_fraction == 0 and r.dense_fraction == 1  # every token has D non-zero coordinates
     m = r.lm
     assert m.predictions == sum(int((b.attention_mask[:, 1:] * b.attention_mask[:, :-1]).sum()) for b in batches)
     assert abs(m.ce_zero - m.ce_clean) > 0.05  # ablation changes the loss (a random model may even gain), so the ratio means something
     assert m.loss_recovered == pytest.approx(1.0, abs=1e-6) and m.delta_loss == pytest.approx(0.0, abs=1e-6)
     assert m.kl == pytest.approx(0.0, abs=1e-6)
+    assert (m.ce_zero < m.ce_clean) and "note: zero ablation does not raise the loss here" in r.table()  # a random model
 
 
 def test_zero_sae_is_zero_ablation(model, batches):

@@ -37,10 +37,12 @@ def test_evaluate_prints_the_table_and_writes_its_files(ws, evaluate_py, capsys,
     lines = out.splitlines()
     assert lines[0] == f"SAE {ws.sae} on {ws.model}, data {ws.chats}"
     assert lines[1].startswith("layer 2 input: ") and lines[1].endswith(" sequences")
-    table = {line[:36].strip(): line[36:].strip() for line in lines[2:14]}
+    end = lines.index("site check (explained variance of this SAE on each residual):")
+    table = {line[:36].strip(): line[36:].strip() for line in lines[2:end]}
     assert table["explained variance"] == "1.0000" and table["loss recovered"] == "1.0000" and table["delta LM loss"] == "0.0000"
     assert table["dead latents (never fired)"] == "0.00%" and table["L0 (active latents per token)"] == "64.00"
-    assert lines[14] == "site check (explained variance of this SAE on each residual):"
+    assert lines[end + 2] == "  input of layer 2 = output of layer 1         1.0000  <- best"  # a tie everywhere: the SAE's own site wins
+    assert lines[end + 1] == "  input of layer 1 = output of layer 0         1.0000" and len(lines) == end + 6
     assert lines[-1] == f"wrote {tmp_path / 'ev' / 'eval.json'}, {tmp_path / 'ev' / 'feature_density.npy'}, {tmp_path / 'ev' / 'feature_density.png'}"
     saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert saved["tokens"] >= 300 and saved["loss_recovered"] == pytest.approx(1.0, abs=1e-6) and saved["layer"] == 2

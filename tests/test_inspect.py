@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
@@ -170,4 +168,3 @@ def test_feature_ids_are_checked():
             check_feature(sae, bad)
     with pytest.raises(ValueError, match="found 300"):
         top_contexts(None, sae, [], [1, 300], 10)
-    assert dataclasses.replace(sae.spec).n_latents == 256
