@@ -18,6 +18,9 @@ On held-out token batches, at the SAE's site (layer, input/output):
 
 Special tokens are neither counted nor spliced: the release trained without
 them, and the BOS residual's outsized norm would dominate every number.
+With bfloat16 compute, XLA's default excess precision rounds the clean and
+spliced forwards differently, so an exact SAE shows a KL of ~1e-4 rather than
+0 (`XLA_FLAGS=--xla_allow_excess_precision=false` makes them agree).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ replaces the residual at the SAE's site (for the notebook's SAE, the input of
 layer 9) and every layer from there on runs as usual, layer 9 included. At
 alpha = 0 this gives the unsteered model's output exactly; the notebook's
 hooks at alpha = 0 still give a model with layer 9 removed.
+
+"Exactly" holds in float32. In bfloat16 compute XLA keeps excess precision
+by default, so a graph with an edit rounds differently from one without and
+greedy tokens can part; `XLA_FLAGS=--xla_allow_excess_precision=false` restores it.
 """
 
 from __future__ import annotations
