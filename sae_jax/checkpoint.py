@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sae_jax.formats.common import cause, first_line
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,12 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
         )
+        if self.directory.exists() and not self.directory.is_dir():  # orbax would fail only at the first save
+            raise CheckpointError(f"{self.directory}: expected a checkpoint directory, found a file")
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception as e:  # orbax raises what the file system says, wrapped or not
-            raise CheckpointError(f"{self.directory}: cannot open the checkpoint directory ({reason(e)})") from None
+            raise CheckpointError(f"{self.directory}: cannot open the checkpoint directory ({cause(e)})") from None
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Start an async save of `state` and `meta` at `step`; returns once the arrays are copied off.
@@ -81,7 +84,7 @@ class Checkpoints:
             except Exception as e:  # orbax and tensorstore raise many types for damaged files
                 path = self.directory / str(step)
                 aside = self._set_aside(path)
-                log.warning("checkpoint %s is unreadable (%s); moved to %s, trying the one before", path, _first_line(e), aside.name)
+                log.warning("checkpoint %s is unreadable (%s); moved to %s, trying the one before", path, first_line(e), aside.name)
         return None
 
     def _set_aside(self, path: Path) -> Path:
@@ -105,26 +108,11 @@ class Checkpoints:
             self._pending = None
             where = self.directory / str(step) if step is not None else self.directory
             raise CheckpointError(
-                f"checkpoint {where} could not be written ({reason(e)}); the checkpoints before it are kept, rerun to resume"
+                f"checkpoint {where} could not be written ({cause(e)}); the checkpoints before it are kept, rerun to resume"
             ) from None
 
     def close(self) -> None:
         self.manager.close()
-
-
-def reason(e: BaseException) -> str:
-    """A short cause: the OS error's text where there is one (tensorstore puts its code at the end), else the first line."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    code = re.search(r"os_error_code='?(\d+)", str(e))
-    return os.strerror(int(code.group(1))) if code else _first_line(e)
-
-
-def _first_line(e: BaseException) -> str:
-    """`Type: first line`, without tensorstore's spec dump, at most about 200 characters."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = text.split(" [tensorstore_spec=")[0]
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 def fingerprint(state: Any, meta: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import reprlib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -240,9 +241,17 @@ _REPR.maxstring = _REPR.maxother = 80
 _REPR.maxlevel = 3
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def _show(value) -> str:
     """repr(value), cut short: YAML aliases let a small file hold a value whose repr is gigabytes."""
     return _REPR.repr(value)
+
+
+def _plain(text) -> str:
+    """`text` as is when it prints on one line, else its repr: a key holding a newline would split the error."""
+    return text if isinstance(text, str) and text.isprintable() else _show(text)
 
 
 def _coerce(t, value, path: str):
@@ -284,7 +293,7 @@ def _coerce(t, value, path: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, found {type(value).__name__} {_show(value)}")
-        if not math.isfinite(value):
+        if isinstance(value, int) and abs(value) > _FLOAT_MAX or not math.isfinite(value):  # float(10**400) raises
             raise ConfigError(f"{path}: expected a finite number, found {_show(value)}")
         return float(value)
     if t is str:
@@ -301,7 +310,7 @@ def from_dict(cls, data: dict, path: str = ""):
     prefix = f"{path}." if path else ""
     for key in data:
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key; expected one of {sorted(names)}")
+            raise ConfigError(f"{prefix}{_plain(key)}: unknown key; expected one of {sorted(names)}")
     return cls(**{k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()})
 
 
@@ -312,20 +321,20 @@ def to_dict(cfg) -> dict:
 def apply_override(data: dict, assignment: str) -> None:
     """Apply one `a.b.c=value` (value parsed as YAML) to nested plain data, in place."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment}: expected key.path=value, found no '='")
+        raise ConfigError(f"--set {_plain(assignment)}: expected key.path=value, found no '='")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set {assignment}: expected a dotted key path, found {key!r}")
+        raise ConfigError(f"--set {_plain(assignment)}: expected a dotted key path, found {key!r}")
     try:
         value = yaml.safe_load(raw)
-    except (yaml.YAMLError, RecursionError) as e:
-        raise ConfigError(f"--set {key}: value {_show(raw)} is not valid YAML ({type(e).__name__})") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as e:  # ValueError: an integer of over 4300 digits
+        raise ConfigError(f"--set {_plain(key)}: value {_show(raw)} is not valid YAML ({type(e).__name__})") from None
     node = data
     for i, p in enumerate(parts[:-1]):
         child = node.setdefault(p, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            raise ConfigError(f"--set {_plain(key)}: {_plain('.'.join(parts[: i + 1]))} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -339,8 +348,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{p}: expected a YAML config file, found no such file")
         try:
             data = yaml.safe_load(p.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:  # ValueError: an integer of over 4300 digits
+            raise ConfigError(f"{p}: not valid YAML ({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
         except RecursionError:
             raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
         if not isinstance(data, dict):

@@ -19,8 +19,10 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from sae_jax.atomic import atomic_dir, atomic_file
-from sae_jax.formats.common import SAEFormatError, check_sae, error, first_line
+from sae_jax.formats.common import SAEFormatError, cause, check_sae, error, first_line
 from sae_jax.formats.native import load_jax, quiet_orbax, write_jax
 from sae_jax.formats.release import load_release, write_release
 from sae_jax.formats.saelens import hook_name, load_saelens, parse_hook_name, write_saelens
@@ -84,15 +86,18 @@ def save_sae(
         raise error(path, "architecture", f"relu for format {format} (topk fits saelens or jax)", sae.spec.architecture)
     if format != "jax" and sae.spec.input_scale != 1.0:
         sae = fold_input_scale(sae)
-    if format in ("jax", "saelens"):
-        with atomic_dir(path, overwrite=True) as tmp:
-            if format == "jax":
-                write_jax(sae, tmp)
-            else:
-                write_saelens(sae, tmp, metadata)
-    else:
-        with atomic_file(path) as tmp:
-            write_release(sae, tmp, format)
+    try:
+        if format in ("jax", "saelens"):
+            with atomic_dir(path, overwrite=True) as tmp:
+                if format == "jax":
+                    write_jax(sae, tmp)
+                else:
+                    write_saelens(sae, tmp, metadata)
+        else:
+            with atomic_file(path) as tmp:
+                write_release(sae, tmp, format)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a full disk: tensorstore says ValueError
+        raise OSError(f"{path}: could not be written ({cause(e)}); the destination is as it was") from None
     return path
 
 

@@ -8,6 +8,8 @@ and those run in numpy, not XLA (XLA on CPU flushes subnormals in arithmetic).
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,10 +35,23 @@ def error(where: str | Path, key: str, expected: str, found: object) -> SAEForma
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:
-    """`Type: first line of the message`, short enough for a one-line error."""
+    """`Type: first line of the message`, short enough for a one-line error (tensorstore's spec dump cut)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" [tensorstore_spec=")[0]
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def cause(e: BaseException) -> str:
+    """Why a write failed, short: the OS's words where there are some, else `first_line(e)`.
+
+    tensorstore reports I/O failures as ValueError with the errno at the end (`[os_error_code='28']`),
+    safetensors as SafetensorError (`(os error 28)`).
+    """
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", str(e))
+    return os.strerror(int(code.group(1) or code.group(2))) if code else first_line(e)
 
 
 def check_tensors(where: str | Path, tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> str:
