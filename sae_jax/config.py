@@ -163,9 +163,12 @@ class TrainConfig:
     scale_batches: int = opt(10, "Batches used to estimate the input scale that makes the mean norm sqrt(D).")
     seed: int = opt(0, "Seed of the SAE init.")
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "A non-finite loss, gradient or input: 'stop' (exit non-zero, keep the last good checkpoint) or 'skip' the batch and count it.")
+    kernel: Literal["dense", "sparse"] = opt("dense", "'dense' (the reference) or 'sparse': decode and both weight gradients over the active latents only, O(B*K*D) instead of O(B*N*D); same loss and gradients.")
+    sparse_k_max: int = opt(512, "Active-latent cap of the sparse kernel for relu: a batch with a token above it runs dense (exact either way).")
+    compute_dtype: Literal["float32", "bfloat16"] = opt("float32", "Dtype of the matmul inputs (accumulated in float32); params and Adam state stay float32.")
 
     def check(self, path: str) -> None:
-        _positive(self, path, "steps", "lr", "auxk_k", "dead_tokens", "scale_batches")
+        _positive(self, path, "steps", "lr", "auxk_k", "dead_tokens", "scale_batches", "sparse_k_max")
         _nonnegative(self, path, "lr_warmup_steps", "grad_clip", "l1_coefficient", "auxk_coefficient")
         for name in ("lr_decay_frac", "l1_warmup_frac"):
             _in_unit(self, path, name)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sae_jax.sae import Forward, SAEParams, SAESpec, forward_params
+from sae_jax.sae import Forward, SAEParams, SAESpec, activate, forward_params
 
 
 class LossParts(NamedTuple):
@@ -34,7 +34,21 @@ def weighted_l1(params: SAEParams, f: jax.Array) -> jax.Array:
     return jnp.mean(f @ dec_norms)
 
 
-def auxk_error(params: SAEParams, pre: jax.Array, residual: jax.Array, dead: jax.Array, k: int) -> jax.Array:
+def matmul(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """a @ b with both inputs cast to `dtype` and the products accumulated in float32."""
+    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def forward_in(params: SAEParams, spec: SAESpec, x: jax.Array, compute_dtype: str = "float32") -> Forward:
+    """`sae.forward_params` with both matmuls in `compute_dtype` (float32: forward_params itself). Needs input_scale 1."""
+    if compute_dtype == "float32":
+        return forward_params(params, spec, x)
+    pre = matmul(x, params.W_enc, compute_dtype) + params.b_enc.astype(jnp.float32)
+    f = activate(spec, pre)
+    return Forward(matmul(f, params.W_dec, compute_dtype) + params.b_dec.astype(jnp.float32), f, pre)
+
+
+def auxk_error(params: SAEParams, pre: jax.Array, residual: jax.Array, dead: jax.Array, k: int, compute_dtype: str = "float32") -> jax.Array:
     """pre: [B, N], residual: [B, D] (no gradient), dead: [N] bool -> [] AuxK squared error.
 
     The k largest pre-activations among dead latents, ReLU'd, decoded without
@@ -45,7 +59,7 @@ def auxk_error(params: SAEParams, pre: jax.Array, residual: jax.Array, dead: jax
     vals, idx = jax.lax.top_k(masked, k)
     vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
     f_aux = jnp.put_along_axis(jnp.zeros_like(pre), idx, vals, axis=-1, inplace=False)
-    e_hat = f_aux @ params.W_dec.astype(jnp.float32)
+    e_hat = matmul(f_aux, params.W_dec, compute_dtype)
     return jnp.where(jnp.any(dead), squared_error(residual, e_hat), 0.0)
 
 
@@ -58,9 +72,14 @@ def sae_loss(
     dead: jax.Array,
     auxk_k: int,
     auxk_coefficient: float,
+    compute_dtype: str = "float32",
 ) -> tuple[jax.Array, tuple[Forward, LossParts]]:
-    """x: [B, D] scaled inputs -> (loss, (forward, parts)). `spec.input_scale` must be 1."""
-    out = forward_params(params, spec, x)
+    """x: [B, D] scaled inputs -> (loss, (forward, parts)). `spec.input_scale` must be 1.
+
+    `compute_dtype` "bfloat16": the matmuls take bfloat16 inputs and accumulate
+    in float32; params, gradients and the loss stay float32.
+    """
+    out = forward_in(params, spec, x, compute_dtype)
     x = x.astype(jnp.float32)
     recon = squared_error(x, out.x_hat)
     zero = jnp.zeros((), jnp.float32)
@@ -68,6 +87,6 @@ def sae_loss(
         sparsity = weighted_l1(params, out.f)
         parts = LossParts(recon + l1_coefficient * sparsity, recon, sparsity, zero)
     else:
-        aux = auxk_error(params, out.pre, jax.lax.stop_gradient(x - out.x_hat), dead, auxk_k)
+        aux = auxk_error(params, out.pre, jax.lax.stop_gradient(x - out.x_hat), dead, auxk_k, compute_dtype)
         parts = LossParts(recon + auxk_coefficient * aux, recon, zero, aux)
     return parts.loss, (out, parts)

@@ -18,6 +18,7 @@ import optax
 from sae_jax.config import Config, TrainConfig
 from sae_jax.loss import sae_loss
 from sae_jax.sae import SAEParams, SAESpec, explained_variance, init_params
+from sae_jax.sparse import fits_sparse, sparse_value_and_grad
 
 
 @jax.tree_util.register_dataclass
@@ -63,6 +64,39 @@ def optimizer(t: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(t.grad_clip), adam) if t.grad_clip > 0 else adam
 
 
+def adam_update(grads: SAEParams, opt_state, params: SAEParams, t: TrainConfig, g_norm: jax.Array, ok: jax.Array):
+    """`optimizer(t).update` then `optax.apply_updates`, one pass per param; where `ok` is false nothing moves.
+
+    The formulas are optax's (clip_by_global_norm, scale_by_adam,
+    scale_by_learning_rate), in its order, on optax's own state. Written out because XLA splits
+    optax's chain into several passes over each [N, D] array and copies the
+    donated moments; here each moment is updated in place and the param reads
+    the new moments. g_norm: [] the global norm of `grads`. -> (params, opt_state).
+    """
+    b1, b2, eps = t.adam_b1, t.adam_b2, 1e-8
+    adam, sched = opt_state[1] if t.grad_clip > 0 else opt_state
+    count = optax.safe_increment(adam.count)
+    step_size = -lr_schedule(t)(sched.count)
+
+    # optax computes (g / g_norm) * clip; one scalar factor differs by an ulp and
+    # lets XLA fuse the clipping into both moment passes instead of writing it out.
+    factor = jnp.where(g_norm < t.grad_clip, 1.0, t.grad_clip / g_norm) if t.grad_clip > 0 else 1.0
+
+    def leaf(g, p, m, v):
+        g = g * jnp.asarray(factor, g.dtype)
+        m = jnp.where(ok, (1 - b1) * g + b1 * m, m)
+        v = jnp.where(ok, (1 - b2) * g**2 + b2 * v, v)
+        u = (m / (1 - b1**count).astype(m.dtype)) / (jnp.sqrt(v / (1 - b2**count).astype(v.dtype)) + eps)
+        return jnp.where(ok, jnp.asarray(p + jnp.asarray(step_size, u.dtype) * u).astype(p.dtype), p), m, v
+
+    new = jax.tree.map(leaf, grads, params, adam.mu, adam.nu)
+    params, mu, nu = (jax.tree.map(lambda n, i=i: n[i], new, is_leaf=lambda n: isinstance(n, tuple)) for i in range(3))
+    keep = lambda new, old: jnp.where(ok, new, old)
+    adam = optax.ScaleByAdamState(count=keep(count, adam.count), mu=mu, nu=nu)
+    sched = optax.ScaleByScheduleState(count=keep(optax.safe_increment(sched.count), sched.count))
+    return params, ((opt_state[0], (adam, sched)) if t.grad_clip > 0 else (adam, sched))
+
+
 def init_state(cfg: Config) -> TrainState:
     spec = spec_from_config(cfg)
     key = jax.random.key(cfg.train.seed)
@@ -84,27 +118,30 @@ NONFINITE = {1: "input activations", 2: "loss", 3: "gradients"}
 
 
 def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfig):
-    """x: [B, D] scaled -> ((loss, (forward, parts)), grads): what the step differentiates."""
-    loss = lambda p: sae_loss(
-        p,
-        spec,
-        x,
+    """x: [B, D] scaled -> ((loss, (forward, parts)), grads): what the step differentiates.
+
+    kernel 'dense' differentiates `loss.sae_loss` (the reference); 'sparse'
+    computes the same values with `sparse.sparse_value_and_grad`.
+    """
+    kw = dict(
         l1_coefficient=l1_schedule(t, state.step),
         dead=state.since_fired >= t.dead_tokens,
         auxk_k=t.auxk_k,
         auxk_coefficient=t.auxk_coefficient,
+        compute_dtype=t.compute_dtype,
     )
-    return jax.value_and_grad(loss, has_aux=True)(state.params)
+    if t.kernel == "sparse":
+        return sparse_value_and_grad(state.params, spec, x, **kw, k_max=t.sparse_k_max)
+    return jax.value_and_grad(lambda p: sae_loss(p, spec, x, **kw), has_aux=True)(state.params)
 
 
 def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: SAESpec, t: TrainConfig):
     """x_raw: [B, D] raw activations, scale: [] -> (new state, metrics dict of [] float32)."""
     x = x_raw.astype(jnp.float32) * scale
     (loss, (out, parts)), grads = loss_and_grads(state, x, spec, t)
-    updates, opt_state = optimizer(t).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     fired = jnp.any(out.f > 0, axis=0)
     since = jnp.where(fired, 0, jnp.minimum(state.since_fired + x.shape[0], t.dead_tokens))
+    grad_norm = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads)))
     metrics = {
         "loss": loss,
         "recon": parts.recon,
@@ -114,18 +151,22 @@ def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: S
         "dead_fraction": jnp.mean(since >= t.dead_tokens),
         "l1_coefficient": jnp.asarray(l1_schedule(t, state.step), jnp.float32),
         "auxk": parts.auxk,
-        "grad_norm": jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))),
+        "grad_norm": grad_norm,
     }
+    if t.kernel == "sparse" and spec.architecture == "relu":
+        # 1 when a token had more than sparse_k_max active latents and the step ran dense.
+        metrics["dense_fallback"] = 1.0 - fits_sparse(out.pre, t.sparse_k_max).astype(jnp.float32)
     what = jnp.where(
-        ~jnp.all(jnp.isfinite(x)), 1, jnp.where(~jnp.isfinite(loss), 2, jnp.where(~jnp.isfinite(metrics["grad_norm"]), 3, 0))
+        ~jnp.all(jnp.isfinite(x)), 1, jnp.where(~jnp.isfinite(loss), 2, jnp.where(~jnp.isfinite(grad_norm), 3, 0))
     )
     ok = what == 0
     # A non-finite step leaves params and optimizer state as they were; the loop decides what to do.
+    params, opt_state = adam_update(grads, state.opt_state, state.params, t, grad_norm, ok)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     first = jnp.where((state.first_bad[0] < 0) & ~ok, jnp.stack([state.step, what]), state.first_bad)
     new = TrainState(
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         step=state.step + 1,
         key=state.key,
         since_fired=keep(since, state.since_fired),

@@ -1,0 +1,64 @@
+"""Shared pieces of the benchmarks: interleaved timing, the machine line, tables, the JSON line.
+
+Timings on a shared machine drift with other people's load, so every
+benchmark measures its variants in interleaved rounds (one call of each per
+round) and reports medians: ratios within one run are what count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+
+def machine() -> str:
+    """One line naming the CPU, its core count and the accelerator JAX sees."""
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import jax
+
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", dev.platform)
+    return f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {dev.platform} ({kind})"
+
+
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each fn, measured `rounds` times in turn after `warmup` calls each.
+
+    Each fn must block until its work is done.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """rows of dicts -> a Markdown table; cols: (key, header, format spec)."""
+    head = "| " + " | ".join(h for _, h, _ in cols) + " |"
+    rule = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(format(r[k], f) if k in r else "" for k, _, f in cols) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def json_line(name: str, **payload) -> str:
+    """The final machine-readable line of a benchmark."""
+    return json.dumps({"bench": name, **payload}, sort_keys=False)

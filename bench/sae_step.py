@@ -1,0 +1,154 @@
+"""Train-step tokens/s: our jitted step (dense and sparse kernels) vs the PyTorch reference trainer.
+
+    python bench/sae_step.py                       # release and small shapes, relu and topk
+    python bench/sae_step.py --shapes release --archs relu --rounds 7
+
+Every variant starts from the same weights and trains on the same batches;
+the first step's loss is printed per variant as a check that they compute the
+same thing. Weights are built so that L0 is about 63, as the release's: unit
+decoder rows, the encoder their transpose, b_enc = -2.89 on N(0, 1) inputs
+(P(z > 2.89) * N = 63 at N = 32768); topk uses k = 64 on the same weights.
+Variants run in interleaved rounds; the table gives median seconds per step.
+The last line is JSON with every number and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from bench.common import interleaved, json_line, machine, median, table
+from bench.torch_sae import TorchTrainer
+
+SHAPES = {  # name: (D, expansion, B)
+    "release": (2048, 16, 256),
+    "small": (512, 16, 256),
+    "gpu": (2048, 16, 4096),
+    "smoke": (64, 4, 32),
+}
+K = 64  # topk's k, and the L0 the relu weights aim at
+L1, LR = 5.0, 1e-6  # a small lr keeps L0 where it starts over the run
+
+
+def bench_weights(D: int, N: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Unit decoder rows, encoder = their transpose, one b_enc for all latents so that about K fire per N(0, 1) token."""
+    rng = np.random.default_rng(seed)
+    W_dec = rng.standard_normal((N, D), dtype=np.float32)
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    # Pre-activations of unit columns on N(0, 1) inputs are N(0, 1): cut at the (1 - K/N) quantile.
+    threshold = np.quantile(rng.standard_normal(1 << 20), 1 - min(K / N, 0.5))
+    b_enc = np.full(N, -threshold, np.float32)
+    return {"W_enc": np.ascontiguousarray(W_dec.T), "b_enc": b_enc, "W_dec": W_dec, "b_dec": np.zeros(D, np.float32)}
+
+
+def bench_batches(D: int, B: int, n: int = 4, seed: int = 1) -> list[np.ndarray]:
+    """n batches [B, D] of N(0, 1): mean norm about sqrt(D), so the input scale is 1."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((B, D), dtype=np.float32) for _ in range(n)]
+
+
+def jax_trainer(weights, arch: str, B: int, kernel: str, dtype: str = "float32", extra: tuple[str, ...] = ()):
+    """(step() -> loss, per-step callable) for our jitted, donated step on `weights`."""
+    from sae_jax.config import load_config
+    from sae_jax.sae import SAEParams
+    from sae_jax.trainer import init_state, make_step
+
+    D, N = weights["W_dec"].shape[1], weights["W_dec"].shape[0]
+    sets = [f"sae.d_in={D}", f"sae.expansion={N // D}", f"data.batch_size={B}", f"train.kernel={kernel}",
+            f"train.compute_dtype={dtype}", f"train.lr={LR}", "train.lr_warmup_steps=0", "train.l1_warmup_frac=0",
+            f"train.l1_coefficient={L1}", "train.steps=1000000"]
+    if arch == "topk":
+        sets += ["sae.architecture=topk", f"sae.k={K}"]
+    cfg = load_config(None, sets + list(extra))
+    state = init_state(cfg)
+    state = dataclasses.replace(state, params=SAEParams(**{k: jnp.asarray(v) for k, v in weights.items()}))
+    return cfg, state, make_step(cfg)
+
+
+def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tuple[str, ...] = ()) -> list[dict]:
+    D, expansion, B = SHAPES[shape]
+    N = D * expansion
+    weights, batches = bench_weights(D, N), bench_batches(D, B)
+    xs_jax = [jnp.asarray(b) for b in batches]
+    xs_torch = [torch.from_numpy(b) for b in batches]
+    fns, first = {}, {}
+    for v in variants:
+        it = iter(range(1 << 30))
+        if v.startswith("jax"):
+            kernel, dtype = {"jax-dense": ("dense", "float32"), "jax-sparse": ("sparse", "float32"),
+                             "jax-sparse-bf16": ("sparse", "bfloat16"), "jax-dense-bf16": ("dense", "bfloat16")}[v]
+            cfg, state, step = jax_trainer(weights, arch, B, kernel, dtype, extra)
+            box = {"s": state, "m": None}
+            one = jnp.float32(1.0)
+
+            def fn(box=box, step=step, it=it, one=one):
+                box["s"], box["m"] = step(box["s"], xs_jax[next(it) % len(xs_jax)], one)
+                jax.block_until_ready(box["s"].params.W_enc)
+
+            fn()
+            first[v] = float(box["m"]["loss"])
+            fns[v] = fn
+            if "dense_fallback" in box["m"]:
+                first[v + ":fallback"] = float(box["m"]["dense_fallback"])
+            first[v + ":l0"] = float(box["m"]["l0"])
+        else:
+            tr = TorchTrainer(weights, arch, K if arch == "topk" else None, v.split("-", 1)[1], lr=LR, l1=L1)
+            box = {"loss": None}
+
+            def fn(tr=tr, it=it, box=box):
+                box["loss"] = tr.step(xs_torch[next(it) % len(xs_torch)])
+
+            fn()
+            first[v] = box["loss"]
+            fns[v] = fn
+    times = interleaved(fns, rounds, warmup=1)
+    rows = []
+    for v in variants:
+        t = median(times[v])
+        rows.append(dict(shape=shape, arch=arch, D=D, N=N, B=B, variant=v, s_per_step=t, tokens_per_s=B / t,
+                         loss_step1=first[v], l0=first.get(v + ":l0", float("nan")), times=times[v]))
+    best_torch = min((r["s_per_step"] for r in rows if r["variant"].startswith("torch")), default=float("nan"))
+    for r in rows:
+        r["vs_best_torch"] = best_torch / r["s_per_step"]
+    del fns
+    gc.collect()
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="release,small", help=f"comma list of {list(SHAPES)}")
+    p.add_argument("--archs", default="relu,topk")
+    p.add_argument("--variants", default="jax-dense,jax-sparse,torch-eager,torch-fused,torch-compile")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--set", action="append", default=[], help="config override for our variants, e.g. train.sparse_k_max=128")
+    a = p.parse_args(argv)
+    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    rows = []
+    for shape in a.shapes.split(","):
+        for arch in a.archs.split(","):
+            out = run_shape(shape, arch, a.rounds, a.variants.split(","), tuple(a.set))
+            rows += out
+            print(table(out, [("shape", "shape", "s"), ("arch", "arch", "s"), ("B", "B", "d"), ("variant", "variant", "s"),
+                              ("s_per_step", "s/step", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                              ("vs_best_torch", "x best torch", ".2f"), ("loss_step1", "loss@1", ".6g")]), flush=True)
+    ratios = {}
+    for r in rows:
+        if r["variant"].startswith("jax"):
+            ratios[f"{r['shape']}/{r['arch']}/{r['variant']}"] = round(r["vs_best_torch"], 3)
+    print(json_line("sae_step", machine=machine(), rounds=a.rounds, ratios_vs_best_torch=ratios,
+                    rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "times"} for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
