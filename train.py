@@ -4,6 +4,7 @@ Rerunning the same command resumes from the newest checkpoint in run.out_dir.
 """
 
 import argparse
+import json
 import sys
 
 from sae_jax.cli import fail_in_one_line
@@ -30,6 +31,9 @@ def main(argv=None) -> int:
 
     result = train(cfg, progress=not args.no_progress)
     print(f"trained {int(result.state.step)} steps; SAE exported to {result.run_dir / 'sae'}")
+    if (result.run_dir / "eval.json").exists():
+        held_out = json.loads((result.run_dir / "eval.json").read_text())
+        print("held-out eval: " + ", ".join(f"{k} {v:.4g}" for k, v in held_out.items()))
     return 0
 
 

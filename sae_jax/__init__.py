@@ -7,6 +7,7 @@ data, evaluation and steering live in their own modules (`sae_jax.llama`,
 """
 
 from sae_jax.config import Config, ConfigError, load_config
+from sae_jax.evaluate import Evaluation, evaluate, quick_eval
 from sae_jax.formats import FORMATS, SAEFormatError, load_sae, save_sae
 from sae_jax.sae import (
     SAE,
@@ -18,8 +19,11 @@ from sae_jax.sae import (
     forward,
     init_params,
 )
+from sae_jax.steer import steer, steering_edit
+from sae_jax.inspect_features import chat_features, top_contexts
 
 __all__ = [
+    "Evaluation",
     "FORMATS",
     "SAE",
     "Config",
@@ -27,12 +31,18 @@ __all__ = [
     "SAEFormatError",
     "SAEParams",
     "SAESpec",
+    "chat_features",
     "decode",
     "encode",
+    "evaluate",
     "explained_variance",
     "forward",
     "init_params",
     "load_config",
     "load_sae",
+    "quick_eval",
     "save_sae",
+    "steer",
+    "steering_edit",
+    "top_contexts",
 ]

@@ -186,11 +186,25 @@ class RunConfig:
     save_every: int = opt(1000, "Checkpoint every this many steps (and always at the end).")
     keep: int = opt(3, "How many of the latest checkpoints to keep.")
     log_every: int = opt(50, "Write a metrics.jsonl line and refresh the progress bar every this many steps.")
+    eval_every: int = opt(500, "Add held-out metrics (eval_*: L0, MSE, EV, per-token FVU, dense fraction) on the next, unseen batch every this many steps (a multiple of log_every; 0: never).")
+    eval_batches: int = opt(4, "Unseen batches drawn after the last step for the final eval.json (0: none).")
 
     def check(self, path: str) -> None:
         _positive(self, path, "save_every", "keep", "log_every")
+        _nonnegative(self, path, "eval_every", "eval_batches")
+        if self.eval_every % self.log_every:
+            raise ConfigError(f"{path}.eval_every: expected a multiple of log_every = {self.log_every}, found {self.eval_every}")
         if not self.out_dir:
             raise ConfigError(f"{path}.out_dir: expected a directory path, found nothing")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = opt(1, "Devices along the batch axis: each holds B/data tokens of every step (a divisor of B).")
+    model: int = opt(1, "Devices along the latent axis: each holds N/model latents, their W_enc columns, W_dec rows, b_enc and Adam moments (a divisor of N).")
+
+    def check(self, path: str) -> None:
+        _positive(self, path, "data", "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +213,7 @@ class Config:
     data: DataConfig = opt(DataConfig(), "The activation stream.")
     train: TrainConfig = opt(TrainConfig(), "The optimisation.")
     run: RunConfig = opt(RunConfig(), "Where and how often to write.")
+    mesh: MeshConfig = opt(MeshConfig(), "Devices the step runs on (sae_jax.sharding); data * model of them.")
 
     def check(self, path: str = "") -> None:
         for f in dataclasses.fields(self):

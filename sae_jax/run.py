@@ -21,6 +21,7 @@ from tqdm import tqdm
 from sae_jax.checkpoint import Checkpoints
 from sae_jax.config import Config, ConfigError, to_dict
 from sae_jax.data import Source, make_source
+from sae_jax.evaluate import quick_eval
 from sae_jax.sae import SAE, fold_input_scale
 from sae_jax.trainer import NONFINITE, TrainState, init_state, make_step, spec_from_config
 from sae_jax.atomic import atomic_write_text, remove_leftovers
@@ -142,7 +143,17 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
 
         sae = exported_sae(state, cfg, scale, str(run_dir))
         save_sae(sae, run_dir / "sae", format="jax", overwrite=True)
+        if cfg.run.eval_batches:
+            final_eval(sae, source, cfg.run.eval_batches, run_dir / "eval.json")
     return RunResult(state, scale, run_dir, sae)
+
+
+def final_eval(sae: SAE, source: Source, n_batches: int, path: Path) -> dict:
+    """quick_eval of the exported SAE on the next `n_batches` (unseen) batches, written to `path`."""
+    x = np.concatenate([source.next_batch() for _ in range(n_batches)])
+    result = {"tokens": int(x.shape[0]), **quick_eval(sae, x)}
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, progress) -> TrainState:
@@ -169,6 +180,10 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 now = time.perf_counter()
                 m.update(step=done, tokens=done * B, tokens_per_s=(done - last_step) * B / max(now - last_time, 1e-9), skipped=skipped)
+                if cfg.run.eval_every and done % cfg.run.eval_every == 0 and x is not None:
+                    # x is the next batch, not yet trained on: held-out for the params as they are now.
+                    held_out = quick_eval(SAE(state.params, spec_from_config(cfg)), x * scale_dev)
+                    m.update({f"eval_{k}": v for k, v in held_out.items()})
                 last_time, last_step = now, done
                 mfile.write(json.dumps(m) + "\n")
                 mfile.flush()

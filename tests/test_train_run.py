@@ -71,7 +71,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_sae(tmp_path):
     from sae_jax.formats import load_sae
 
     result = train(tiny(tmp_path), progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["checkpoints", "config.yaml", "metrics.jsonl", "sae"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["checkpoints", "config.yaml", "eval.json", "metrics.jsonl", "sae"]
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20, 30]
     loaded = load_sae(tmp_path / "sae")
     assert loaded.spec.input_scale == 1.0
@@ -91,3 +91,21 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     train(tiny(tmp_path), stop_after=10, progress=False)
     with pytest.raises(ConfigError, match=r"train.lr: .* holds a run with 0.01, this config says 0.02"):
         train(tiny(tmp_path, **{"train.lr": 0.02}), progress=False)
+
+
+def test_held_out_metrics_at_intervals_and_at_the_end(tmp_path):
+    from sae_jax.data import make_source
+    from sae_jax.evaluate import quick_eval
+    from sae_jax.formats import load_sae
+
+    cfg = tiny(tmp_path, **{"run.eval_every": 10, "run.eval_batches": 3})
+    train(cfg, progress=False)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "eval_explained_variance" in l] == [10, 20]  # not 30: no unseen batch is left
+    final = json.loads((tmp_path / "eval.json").read_text())
+    # The final eval is the exported SAE on the 3 batches after the last one trained on.
+    source = make_source(cfg)
+    for _ in range(cfg.train.scale_batches + cfg.train.steps):
+        source.next_batch()
+    x = np.concatenate([source.next_batch() for _ in range(3)])
+    assert final == {"tokens": 96, **quick_eval(load_sae(tmp_path / "sae"), x)}

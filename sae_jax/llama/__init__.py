@@ -5,19 +5,26 @@
     y = logits(model, input_ids, attention_mask=mask)       # [B, T, V] float32
 """
 
+from sae_jax.llama.generate import generate
+from sae_jax.llama.hooks import Edit, logits_from, logits_with_edit, residuals
 from sae_jax.llama.config import LlamaConfig, LlamaLoadError, RopeScaling, load_config
 from sae_jax.llama.load import load
 from sae_jax.llama.model import Llama, logits, residual
 from sae_jax.llama.tiny import write_tiny_checkpoint
 
 __all__ = [
+    "Edit",
     "Llama",
     "LlamaConfig",
     "LlamaLoadError",
     "RopeScaling",
+    "generate",
     "load",
     "load_config",
     "logits",
+    "logits_from",
+    "logits_with_edit",
     "residual",
+    "residuals",
     "write_tiny_checkpoint",
 ]
