@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sae_jax import sharding
 from sae_jax.config import Config, TrainConfig
 from sae_jax.loss import sae_loss
 from sae_jax.sae import SAEParams, SAESpec, explained_variance, init_params
@@ -98,6 +99,16 @@ def adam_update(grads: SAEParams, opt_state, params: SAEParams, t: TrainConfig, 
 
 
 def init_state(cfg: Config) -> TrainState:
+    """The state at step 0; with a `mesh` of several devices, created already sharded (`sharding.state_shardings`)."""
+    if not sharding.needs_mesh(cfg):
+        return _init_state(cfg)
+    mesh = sharding.make_mesh(cfg)
+    # Jitted with out_shardings, each device computes only its own shard: the full SAE never exists on one device.
+    out = sharding.state_shardings(mesh, jax.eval_shape(lambda: _init_state(cfg)))
+    return jax.jit(lambda: _init_state(cfg), out_shardings=out)()
+
+
+def _init_state(cfg: Config) -> TrainState:
     spec = spec_from_config(cfg)
     key = jax.random.key(cfg.train.seed)
     init_key, key = jax.random.split(key)
@@ -177,6 +188,14 @@ def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: S
 
 
 def make_step(cfg: Config) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-    """The jitted step with the state donated: its buffers are reused for the new state."""
+    """The jitted step with the state donated: its buffers are reused for the new state.
+
+    With a `mesh` of several devices, state and batch are sharded as `sharding` describes.
+    """
     step = lambda s, x, c: train_step(s, x, c, spec=spec_from_config(cfg), t=cfg.train)
-    return jax.jit(step, donate_argnums=0)
+    if not sharding.needs_mesh(cfg):
+        return jax.jit(step, donate_argnums=0)
+    mesh = sharding.make_mesh(cfg)
+    state = sharding.state_shardings(mesh, jax.eval_shape(lambda: _init_state(cfg)))
+    rep = sharding.replicated(mesh)
+    return jax.jit(step, in_shardings=(state, sharding.batch_sharding(mesh), rep), out_shardings=(state, rep), donate_argnums=0)

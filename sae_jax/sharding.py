@@ -1,0 +1,85 @@
+"""Training on a device mesh: a `data` axis splits the batch, a `model` axis splits the latents.
+
+With `mesh: {data: Dd, model: Dm}` in the config, the train state lives on a
+`jax.sharding.Mesh` of Dd x Dm devices. Each device holds B/Dd tokens of every
+batch and N/Dm latents: W_enc's columns [D, N/Dm], W_dec's rows [N/Dm, D],
+b_enc and the dead-latent counter [N/Dm], and Adam's moments laid out like
+their params; b_dec, the step and the scalars are replicated. The state is
+created sharded (the init is jitted with these out_shardings), so an SAE too
+large for one device is never materialised whole. XLA inserts the
+collectives: the gradient all-reduce over `data`, and over `model` the sums
+that contract N (decoding, the reconstruction error's gradient). B must be a
+multiple of Dd and N of Dm.
+
+Multi-host. Start the same command on every host with
+`jax.distributed.initialize()` called first (on Cloud TPU and under SLURM
+it needs no arguments; elsewhere pass `coordinator_address="host0:1234",
+num_processes=P, process_id=i`). `jax.devices()` then lists every host's
+devices, the mesh spans them all, and `data * model` must equal their total
+count. Each host reads its own B/P tokens per step and passes them through
+`jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)`;
+checkpoints are written by orbax from every host into one shared directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sae_jax.sae import SAEParams
+
+AXES = ("data", "model")
+
+
+def needs_mesh(cfg) -> bool:
+    """Whether `cfg.mesh` asks for more than one device."""
+    return cfg.mesh.data * cfg.mesh.model > 1
+
+
+def make_mesh(cfg, devices: list | None = None) -> Mesh:
+    """The (data, model) mesh of `cfg.mesh`, over the first data*model of `devices` (default: all of them).
+
+    A mesh that does not fit the devices, the batch or the latents is a one-line ConfigError.
+    """
+    from sae_jax.config import ConfigError
+
+    data, model = cfg.mesh.data, cfg.mesh.model
+    devices = jax.devices() if devices is None else devices
+    if data * model > len(devices):
+        raise ConfigError(f"mesh: expected data * model <= {len(devices)} devices, found {data} * {model} = {data * model}")
+    if cfg.data.batch_size % data:
+        raise ConfigError(f"mesh.data: expected a divisor of data.batch_size = {cfg.data.batch_size}, found {data}")
+    if cfg.sae.n_latents % model:
+        raise ConfigError(f"mesh.model: expected a divisor of N = {cfg.sae.n_latents} latents, found {model}")
+    return Mesh(np.asarray(devices[: data * model]).reshape(data, model), AXES)
+
+
+def param_shardings(mesh: Mesh) -> SAEParams:
+    """Latents split over `model`: W_enc [D, N/m], b_enc [N/m], W_dec [N/m, D]; b_dec replicated."""
+    s = lambda *spec: NamedSharding(mesh, P(*spec))
+    return SAEParams(W_enc=s(None, "model"), b_enc=s("model"), W_dec=s("model", None), b_dec=s())
+
+
+def state_shardings(mesh: Mesh, state: Any) -> Any:
+    """A TrainState of shardings for `state` (arrays or ShapeDtypeStructs): every SAEParams in it
+    (params, Adam's mu and nu) as `param_shardings`, since_fired over `model`, the rest replicated."""
+    params = param_shardings(mesh)
+    tree = jax.tree.map(
+        lambda x: params if isinstance(x, SAEParams) else NamedSharding(mesh, P()),
+        state,
+        is_leaf=lambda x: isinstance(x, SAEParams),
+    )
+    return dataclasses.replace(tree, since_fired=NamedSharding(mesh, P("model")))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """x: [B, D] split over `data` by tokens."""
+    return NamedSharding(mesh, P("data", None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,173 @@
+"""Training on a (data, model) mesh of 4 fake CPU devices gives one device's params; the state is created sharded.
+
+The device count is fixed when JAX starts, so the checks run in one
+subprocess (this file run as a script, XLA_FLAGS set before jax is imported)
+and the tests assert on the JSON it prints.
+
+Tolerance: sharding changes only the order of float32 sums (the gradient
+all-reduce over `data`, the N-contractions over `model`). Over 5 Adam steps at
+lr 1e-3 that measures <= 3.5e-7 of each param's largest entry (losses <= 9e-7);
+TOL = 1e-5 leaves a ~30x margin, while a dropped all-reduce (each data shard
+stepping on its own quarter of the batch) moves params by ~1 of that scale
+(test_wrong_reduction_is_seen).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+MESHES = {"one": (1, 1), "data": (4, 1), "model": (1, 4), "both": (2, 2)}
+RUNS = [("relu", "dense"), ("relu", "sparse"), ("topk", "sparse")]
+TOL = 1e-5
+D, EXPANSION, B, STEPS = 16, 4, 32, 5
+BIG = (256, 64)  # D, expansion: N = 16384, W_enc and W_dec 16 MiB each
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch,kernel", RUNS)
+@pytest.mark.parametrize("mesh", ["data", "model", "both"])
+def test_sharded_training_matches_one_device(report, arch, kernel, mesh):
+    r = report["runs"][f"{arch}/{kernel}/{mesh}"]
+    assert r["devices"] == 4
+    assert r["max_rel_diff"] <= TOL, r
+    assert r["loss_rel_diff"] <= TOL, r
+
+
+@pytest.mark.parametrize("mesh", ["data", "model", "both"])
+def test_state_and_batch_shards_have_the_mesh_shapes(report, mesh):
+    dm = MESHES[mesh]
+    N = D * EXPANSION
+    shapes = report["runs"][f"relu/dense/{mesh}"]["shard_shapes"]
+    assert shapes["W_enc"] == [D, N // dm[1]]
+    assert shapes["W_dec"] == [N // dm[1], D]
+    assert shapes["b_enc"] == [N // dm[1]]
+    assert shapes["b_dec"] == [D]
+    assert shapes["mu.W_enc"] == [D, N // dm[1]] and shapes["nu.W_dec"] == [N // dm[1], D]
+    assert shapes["since_fired"] == [N // dm[1]]
+
+
+def test_wrong_reduction_is_seen(report):
+    assert report["unreduced_rel_diff"] > 100 * TOL
+
+
+def test_large_sae_is_created_sharded_never_whole(report):
+    big = report["big"]
+    Db, N = BIG[0], BIG[0] * BIG[1]
+    whole = Db * N * 4  # bytes of one of W_enc, W_dec, mu.*, nu.*
+    assert big["shards"] == {"W_enc": [[Db, N // 4]] * 4, "W_dec": [[N // 4, Db]] * 4, "mu.W_enc": [[Db, N // 4]] * 4}
+    assert big["distinct_devices"] == 4
+    # Per device, XLA's own accounting of the compiled init: its outputs are a quarter of the six
+    # [D, N] arrays (params and moments), and its temporaries about one shard, far from a whole array.
+    assert big["output_bytes_per_device"] < 6 * whole / 4 + (1 << 20)
+    assert big["temp_bytes_per_device"] < whole / 2
+    assert big["matches_one_device_init"]  # bit for bit: the random bits are generated shard by shard
+
+
+def test_mesh_that_does_not_fit_is_a_config_error(report):
+    assert report["errors"] == {
+        "devices": "mesh: expected data * model <= 4 devices, found 4 * 2 = 8",
+        "batch": "mesh.data: expected a divisor of data.batch_size = 30, found 4",
+        "latents": "mesh.model: expected a divisor of N = 64 latents, found 3",
+    }
+
+
+# --- the subprocess ----------------------------------------------------------------------------
+
+
+def _worker() -> dict:
+    import jax
+    import numpy as np
+
+    from sae_jax.config import ConfigError, load_config
+    from sae_jax import sharding
+    from sae_jax.trainer import _init_state, init_state, make_step
+
+    def config(arch, kernel, mesh, d=D, expansion=EXPANSION, b=B):
+        sets = [f"sae.d_in={d}", f"sae.expansion={expansion}", f"data.batch_size={b}", f"train.kernel={kernel}",
+                "train.lr=1e-3", "train.lr_warmup_steps=0", "train.steps=100", f"mesh.data={mesh[0]}", f"mesh.model={mesh[1]}"]
+        if arch == "topk":
+            sets += ["sae.architecture=topk", "sae.k=4", "train.auxk_k=8", "train.dead_tokens=64"]  # dead latents by step 3
+        return load_config(None, sets)
+
+    batches = [np.random.default_rng(i).standard_normal((B, D)).astype(np.float32) for i in range(STEPS)]
+
+    def train(cfg):
+        state, step = init_state(cfg), make_step(cfg)
+        losses = []
+        for x in batches:
+            state, m = step(state, x, np.float32(1.0))
+            losses.append(float(m["loss"]))
+        return state, losses
+
+    def rel(a, b):
+        la, lb = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+        return max(float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30)) for x, y in zip(la, lb))
+
+    def shard_shape(a):
+        return list(a.addressable_shards[0].data.shape)
+
+    runs = {}
+    for arch, kernel in RUNS:
+        ref, ref_losses = train(config(arch, kernel, MESHES["one"]))
+        for name in ("data", "model", "both"):
+            state, losses = train(config(arch, kernel, MESHES[name]))
+            mu, nu = state.opt_state[1][0].mu, state.opt_state[1][0].nu
+            runs[f"{arch}/{kernel}/{name}"] = {
+                "devices": len(state.params.W_enc.sharding.device_set),
+                "max_rel_diff": rel(state.params, ref.params),
+                "loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+                "shard_shapes": {**{k: shard_shape(getattr(state.params, k)) for k in ("W_enc", "W_dec", "b_enc", "b_dec")},
+                                 "mu.W_enc": shard_shape(mu.W_enc), "nu.W_dec": shard_shape(nu.W_dec),
+                                 "since_fired": shard_shape(state.since_fired)},
+            }
+
+    # Each data shard stepping on its own quarter of the batch, without the all-reduce.
+    cfg = config("relu", "dense", MESHES["one"], b=B // 4)
+    state, step = init_state(cfg), make_step(cfg)
+    for x in batches:
+        state, _ = step(state, x[: B // 4], np.float32(1.0))
+    ref, _ = train(config("relu", "dense", MESHES["one"]))
+    unreduced = rel(state.params, ref.params)
+
+    # A large SAE on a 1 x 4 model mesh: created sharded, compared with the one-device init.
+    big_cfg = config("relu", "dense", (1, 4), d=BIG[0], expansion=BIG[1])
+    mesh = sharding.make_mesh(big_cfg)
+    out = sharding.state_shardings(mesh, jax.eval_shape(lambda: _init_state(big_cfg)))
+    mem = jax.jit(lambda: _init_state(big_cfg), out_shardings=out).lower().compile().memory_analysis()
+    big_state = init_state(big_cfg)
+    shards = lambda a: [list(s.data.shape) for s in a.addressable_shards]
+    one = jax.jit(lambda: _init_state(big_cfg))()  # the same program on one device
+    big = {
+        "shards": {"W_enc": shards(big_state.params.W_enc), "W_dec": shards(big_state.params.W_dec),
+                   "mu.W_enc": shards(big_state.opt_state[1][0].mu.W_enc)},
+        "distinct_devices": len({s.device for s in big_state.params.W_enc.addressable_shards}),
+        "output_bytes_per_device": mem.output_size_in_bytes,
+        "temp_bytes_per_device": mem.temp_size_in_bytes,
+        "matches_one_device_init": rel(big_state.params, one.params) == 0.0,
+    }
+
+    errors = {}
+    for name, sets in {"devices": (4, 2, B, 4), "batch": (4, 1, 30, 4), "latents": (1, 3, B, 4)}.items():
+        cfg = load_config(None, [f"sae.d_in={D}", f"sae.expansion={sets[3]}", f"data.batch_size={sets[2]}",
+                                 f"mesh.data={sets[0]}", f"mesh.model={sets[1]}"])
+        try:
+            sharding.make_mesh(cfg)
+        except ConfigError as e:
+            errors[name] = str(e)
+    return {"runs": runs, "unreduced_rel_diff": unreduced, "big": big, "errors": errors}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker()))
