@@ -113,7 +113,7 @@ def make_spec(where: str | Path, **fields) -> SAESpec:
     """SAESpec(**fields), with its ValueError turned into a one-line SAEFormatError naming `where`."""
     try:
         return SAESpec(**fields)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: an integer no float can hold
         raise SAEFormatError(f"{where}: {e}") from None
 
 

@@ -70,12 +70,34 @@ def _read_spec(path: Path) -> SAESpec:
     if not isinstance(raw, dict):
         raise error(path, "top level", "a JSON object", type(raw).__name__)
     version = raw.pop("format_version", None)
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or type(version) is not int:
         raise error(path, "format_version", str(FORMAT_VERSION), json.dumps(version))
-    for key in raw:
+    for key, value in raw.items():
         if key not in _FIELDS:
             raise error(path, key, f"only SAESpec fields {sorted(_FIELDS)}", f"extra key {key!r}")
+        expected, ok = _JSON_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, expected) or not ok(value):  # JSON true is no layer
+            raise error(path, key, _JSON_TYPE_NAMES[key], json.dumps(value)[:80])
+    for key in ("architecture", "d_in", "n_latents"):  # SAESpec has no default for these
+        if key not in raw:
+            raise error(path, key, _JSON_TYPE_NAMES[key], "nothing")
+    if "input_scale" in raw:
+        raw["input_scale"] = float(raw["input_scale"])
     return make_spec(path, **raw)
+
+
+# What spec.json may hold for each SAESpec field (SAESpec itself checks the values it can).
+_ANY = lambda v: True
+_JSON_TYPES = {
+    "architecture": (str, _ANY), "d_in": (int, _ANY), "n_latents": (int, _ANY), "k": ((int, type(None)), _ANY),
+    "hook_layer": (int, lambda v: v >= 0), "hook_site": (str, _ANY), "dtype": (str, _ANY),
+    "input_scale": ((int, float), lambda v: abs(v) < 1e300), "source": (str, _ANY),
+}
+_JSON_TYPE_NAMES = {
+    "architecture": "a string", "d_in": "an integer", "n_latents": "an integer", "k": "an integer or null",
+    "hook_layer": "an integer >= 0", "hook_site": "a string", "dtype": "a string", "input_scale": "a finite number",
+    "source": "a string",
+}
 
 
 def _check_stored(params_dir: Path, stored: dict, spec: SAESpec) -> None:

@@ -115,10 +115,11 @@ def _architecture(path: Path, cfg: dict) -> tuple[str, int | None]:
     arch = cfg.get("architecture", "standard")
     fn = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
     if arch == "standard" and fn == "topk":  # pre-v6 spelling of a top-k SAE
-        arch, cfg = "topk", {"k": (cfg.get("activation_fn_kwargs") or {}).get("k")}
+        kwargs = cfg.get("activation_fn_kwargs")
+        arch, cfg = "topk", {"k": kwargs.get("k") if isinstance(kwargs, dict) else None}
     elif fn not in ("relu", "topk"):
         raise error(path, "activation_fn_str", '"relu" or "topk"', json.dumps(fn))
-    if arch not in _ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in _ARCHITECTURES:  # a list or object is no key of a dict
         raise error(path, "architecture", '"standard" or "topk" (sae-jax has relu and topk SAEs only)', json.dumps(arch))
     if arch == "topk":
         return "topk", _int_field(path, cfg, "k")

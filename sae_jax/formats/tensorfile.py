@@ -73,8 +73,8 @@ def _read_pt(path: Path) -> dict[str, np.ndarray]:
 
 def _refusal(e: BaseException) -> str:
     """The one informative sentence of torch's multi-paragraph weights_only refusal."""
-    m = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(e))
-    return m.group(1).strip() if m else first_line(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)(?: Please use|\n|$)", str(e))  # garbage: "error: \n\nUnsupported operand"
+    return m.group(1).strip() if m and m.group(1).strip() else first_line(e)
 
 
 def _from_torch(torch, path: Path, key: str, t) -> np.ndarray:
