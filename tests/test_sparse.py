@@ -1,0 +1,164 @@
+"""The sparse kernel against the dense reference (`loss.sae_loss` differentiated by JAX), and the one-pass Adam against optax.
+
+Reference: kernel "dense", the same params and batch. Tolerance: both compute
+in float32 and differ only in summation order (the sparse path sums K active
+terms where the dense matmuls sum N, mostly zeros). Measured: gradients agree
+to <= 1.5e-7 of each gradient's largest entry, params after 8 Adam steps to
+<= 1.2e-7 of theirs. TOL = 1e-5 leaves a margin of ~70x; dropping a term moves
+them by > 1e-2 (the decoder-norm penalty is checked to matter below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sae_jax.config import load_config
+from sae_jax.sparse import fits_sparse
+from sae_jax.trainer import adam_update, init_state, loss_and_grads, make_step, optimizer, spec_from_config
+
+TOL = 1e-5
+D, EXPANSION, B = 16, 8, 64  # N = 128
+
+
+def config(arch="relu", kernel="sparse", **extra):
+    sets = [f"sae.d_in={D}", f"sae.expansion={EXPANSION}", f"data.batch_size={B}", f"train.kernel={kernel}",
+            "train.lr=1e-3", "train.lr_warmup_steps=0", "train.steps=100", "train.l1_warmup_frac=0"]
+    if arch == "topk":
+        sets += ["sae.architecture=topk", "sae.k=6", "train.auxk_k=16"]
+    return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
+
+
+def state_with(cfg, b_enc=-1.0, dead_every=0, seed=0):
+    """A perturbed init with b_enc shifted (so few latents fire) and every `dead_every`-th latent dead."""
+    state = init_state(cfg)
+    rng = np.random.default_rng(seed)
+    p = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), state.params)
+    p = dataclasses.replace(p, b_enc=p.b_enc + b_enc)
+    since = np.zeros(cfg.sae.n_latents, np.int32)
+    if dead_every:
+        since[::dead_every] = cfg.train.dead_tokens
+    return dataclasses.replace(state, params=p, since_fired=jnp.asarray(since))
+
+
+def batch(seed=1):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((B, D)).astype(np.float32))
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def grads_of(cfg, state, x):
+    (loss, (out, parts)), g = jax.jit(lambda s, x: loss_and_grads(s, x, spec_from_config(cfg), cfg.train))(state, x)
+    return float(loss), out, parts, g
+
+
+CASES = {  # name: (arch, extra config, b_enc shift, dead_every)
+    "relu": ("relu", {"train.sparse_k_max": 32}, -1.0, 0),
+    "relu-at-cap": ("relu", {}, -1.0, 0),  # k_max set to the batch's largest active count below
+    "relu-fallback": ("relu", {"train.sparse_k_max": 2}, -1.0, 0),
+    "topk": ("topk", {}, 0.0, 0),
+    "topk-dead": ("topk", {}, 0.0, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sparse_loss_and_gradients_equal_dense(case):
+    arch, extra, shift, dead_every = CASES[case]
+    x = batch()
+    dense_cfg = config(arch, "dense", **extra)
+    state = state_with(dense_cfg, shift, dead_every)
+    loss, out, parts, g = grads_of(dense_cfg, state, x)
+    active = int(jnp.max(jnp.sum(out.f > 0, axis=-1)))
+    if case == "relu-at-cap":
+        extra = {"train.sparse_k_max": active}
+    sparse_cfg = config(arch, "sparse", **extra)
+    s_loss, s_out, s_parts, s_g = grads_of(sparse_cfg, state, x)
+    if arch == "relu":
+        # The path taken: sparse when no token exceeds k_max, the dense fallback otherwise.
+        assert bool(fits_sparse(out.pre, sparse_cfg.train.sparse_k_max)) == (case != "relu-fallback")
+        assert 4 <= active <= 32 and parts.sparsity > 0
+    if case == "topk-dead":
+        assert float(parts.auxk) > 0 and float(s_parts.auxk) == pytest.approx(float(parts.auxk), rel=TOL)
+    assert s_loss == pytest.approx(loss, rel=TOL)
+    for a, b in zip(s_parts, parts):
+        assert float(a) == pytest.approx(float(b), rel=TOL, abs=1e-30)
+    np.testing.assert_array_equal(np.asarray(s_out.f) > 0, np.asarray(out.f) > 0)
+    assert rel(s_out.x_hat, out.x_hat) <= TOL and rel(s_out.f, out.f) <= TOL
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert rel(getattr(s_g, name), getattr(g, name)) <= TOL, name
+
+
+def test_decoder_norm_penalty_is_in_the_sparse_gradient():
+    """The check above can see a missing term: without lambda the W_dec gradient moves far past TOL."""
+    x = batch()
+    cfg = config("relu", "sparse", **{"train.sparse_k_max": 32})
+    state = state_with(cfg)
+    _, _, _, g = grads_of(cfg, state, x)
+    _, _, _, g0 = grads_of(config("relu", "sparse", **{"train.sparse_k_max": 32, "train.l1_coefficient": 0.0}), state, x)
+    assert rel(g0.W_dec, g.W_dec) > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_sparse_training_follows_dense_for_8_steps(arch):
+    """Params after 8 steps; topk with dead_tokens = 3 batches, so AuxK switches on from step 4."""
+    extra = {"train.sparse_k_max": 48} if arch == "relu" else {"train.dead_tokens": 3 * B}
+    params, metrics = {}, {}
+    for kernel in ("dense", "sparse"):
+        cfg = config(arch, kernel, **extra)
+        state, step = state_with(cfg, -1.0 if arch == "relu" else 0.0), make_step(cfg)
+        ms = []
+        for i in range(8):
+            state, m = step(state, batch(10 + i), jnp.float32(1.0))
+            ms.append(jax.device_get(m))
+        params[kernel], metrics[kernel] = jax.device_get(state.params), ms
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert rel(getattr(params["sparse"], name), getattr(params["dense"], name)) <= TOL, name
+    for a, b in zip(metrics["sparse"], metrics["dense"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=TOL) and a["l0"] == b["l0"]
+    if arch == "topk":
+        assert metrics["dense"][2]["auxk"] == 0 and metrics["dense"][-1]["auxk"] > 0
+    else:
+        assert all(m["dense_fallback"] == 0 for m in metrics["sparse"])
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 1e-3, 0.0])  # clipping off, triggered, disabled
+def test_one_pass_adam_equals_optax(grad_clip):
+    """adam_update against optax.chain(clip_by_global_norm, adam) + apply_updates, both jitted, over 6 steps.
+
+    Measured <= 1.6e-7 of each array's largest entry (float32 rounding: XLA
+    fuses the two differently, and clipping is one factor g * (c / |g|) instead
+    of (g / |g|) * c); asserted 1e-6.
+    """
+    cfg = config(**{"train.grad_clip": grad_clip, "train.lr_warmup_steps": 3})
+    t, state = cfg.train, init_state(cfg)
+    ref = jax.jit(lambda g, o, p: (lambda u, o: (optax.apply_updates(p, u), o))(*optimizer(t).update(g, o, p)))
+    norm = lambda g: jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+    ours = jax.jit(lambda g, o, p: adam_update(g, o, p, t, norm(g), jnp.bool_(True)))
+    p_ref, o_ref, p, o = state.params, state.opt_state, state.params, state.opt_state
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        g = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(np.float32)), p)
+        p_ref, o_ref = ref(g, o_ref, p_ref)
+        p, o = ours(g, o, p)
+    assert jax.tree.structure(o) == jax.tree.structure(o_ref)
+    adam, adam_ref = (o[1][0], o_ref[1][0]) if grad_clip else (o[0], o_ref[0])
+    assert int(adam.count) == int(adam_ref.count) == 6
+    for a, b in zip(jax.tree.leaves((p, o)), jax.tree.leaves((p_ref, o_ref))):
+        assert a.dtype == b.dtype and rel(a, b) <= 1e-6
+
+
+def test_one_pass_adam_not_ok_changes_nothing():
+    cfg = config()
+    state = init_state(cfg)
+    g = jax.tree.map(jnp.ones_like, state.params)
+    p, o = adam_update(g, state.opt_state, state.params, cfg.train, jnp.float32(1.0), jnp.bool_(False))
+    for a, b in zip(jax.tree.leaves((p, o)), jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(a, b)
