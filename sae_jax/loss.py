@@ -8,6 +8,7 @@ The squared error is summed over D and averaged over the batch.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -35,8 +36,32 @@ def weighted_l1(params: SAEParams, f: jax.Array) -> jax.Array:
 
 
 def matmul(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """a @ b with both inputs cast to `dtype` and the products accumulated in float32."""
+    """a [M, K] @ b [K, N] -> [M, N] float32, with the inputs cast to `dtype` and the products accumulated in float32.
+
+    Below float32 the backward's two products take `dtype` inputs too (JAX's own
+    rule would multiply the float32 cotangent in float32).
+    """
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.matmul(a, b) if jnp.dtype(dtype) == jnp.float32 else _low_matmul(a, b, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_matmul(a, b, dtype):
+    """a, b float32 -> a @ b float32 from `dtype` inputs."""
     return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _low_matmul_fwd(a, b, dtype):
+    return _low_matmul(a, b, dtype), (a.astype(dtype), b.astype(dtype))
+
+
+def _low_matmul_bwd(dtype, res, g):
+    a, b = res
+    g = g.astype(dtype)
+    return jnp.matmul(g, b.T, preferred_element_type=jnp.float32), jnp.matmul(a.T, g, preferred_element_type=jnp.float32)
+
+
+_low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
 
 
 def forward_in(params: SAEParams, spec: SAESpec, x: jax.Array, compute_dtype: str = "float32") -> Forward:
