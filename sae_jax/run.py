@@ -64,7 +64,7 @@ def open_run_dir(cfg: Config) -> Path:
     except OSError as e:
         raise ConfigError(f"run.out_dir: cannot create {run_dir} ({e.strerror or e})") from None
     _check_same_run(run_dir, cfg)
-    for name in ("config.yaml", "metrics.jsonl", "sae"):
+    for name in ("config.yaml", "metrics.jsonl", "sae", "eval.json"):
         remove_leftovers(run_dir / name)
     try:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))

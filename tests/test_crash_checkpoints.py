@@ -44,6 +44,7 @@ def copy_run(reference, tmp_path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(reference[0], run)
     shutil.rmtree(run / "sae")
+    (run / "eval.json").unlink()
     return run
 
 
@@ -145,7 +146,7 @@ def test_orbax_temporaries_left_by_a_kill_are_removed(reference, tmp_path, caplo
         result = train(cfg(run), progress=False)
     assert [r for r in caplog.records if r.name == "sae_jax.checkpoint"] == []
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["10", "20", "30"]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "sae"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "eval.json", "metrics.jsonl", "sae"]
     assert_same_run(reference, run, result)
 
 
@@ -167,6 +168,7 @@ def assert_same_run(reference, run: Path, result) -> None:
     assert_bits_equal(load_sae(run / "sae").params, load_sae(ref_dir / "sae").params)
     strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()]
     assert strip(run / "metrics.jsonl") == strip(ref_dir / "metrics.jsonl")
+    assert (run / "eval.json").read_text() == (ref_dir / "eval.json").read_text()  # the same held-out batches
     # and the checkpoint now at 30 is the reference's, fingerprint included
     abstract = jax.eval_shape(lambda: ref.state)
     c = Checkpoints(run / "checkpoints", keep=3)

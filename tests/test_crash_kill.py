@@ -107,14 +107,16 @@ def test_kill_9_anywhere_then_rerun_is_bit_identical(tmp_path):
 
     final = subprocess.run(command(run), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
-    assert final.stdout == f"trained {STEPS} steps; SAE exported to {run / 'sae'}\n"
+    assert final.stdout.splitlines()[0] == f"trained {STEPS} steps; SAE exported to {run / 'sae'}"
     assert "unreadable" not in final.stderr  # a kill never leaves a checkpoint that looks complete but is not
     out, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err
+    assert final.stdout.splitlines()[1:] == out.splitlines()[1:]  # the held-out eval line
 
     # Nothing half-written is left: no orbax temporaries, no set-aside checkpoints, no export temporaries.
     assert sorted(listing(ckpts)) == [str(s) for s in sorted(range(STEPS - 10, STEPS + 1, SAVE_EVERY))]
-    assert sorted(listing(run)) == ["checkpoints", "config.yaml", "metrics.jsonl", "sae"]
+    assert sorted(listing(run)) == ["checkpoints", "config.yaml", "eval.json", "metrics.jsonl", "sae"]
+    assert (run / "eval.json").read_text() == (ref_dir / "eval.json").read_text()
     assert_same_final_state(ref_dir, run)
     assert_same_arrays(load_sae(ref_dir / "sae").params, load_sae(run / "sae").params)
     assert metrics(run) == metrics(ref_dir)

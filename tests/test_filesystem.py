@@ -152,6 +152,7 @@ def test_full_disk_during_the_export_leaves_no_half_written_sae(reference, tmp_p
     run = tmp_path / "run"
     shutil.copytree(reference[0], run)
     shutil.rmtree(run / "sae")
+    (run / "eval.json").unlink()
     r = run_cli(run, fsize=EXPORT_LIMIT)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == f"error: {run / 'sae'}: could not be written (File too large); the destination is as it was\n"
