@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -314,12 +316,14 @@ def converter(name: str):
     return module
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def converters():
-    mods = {n: converter(n) for n in ("torch_to_jax", "jax_to_torch")}
-    for m in mods.values():
-        m.quiet_orbax = lambda: None  # process-wide; the subprocess tests cover it
-    return mods
+    """The entry points' main(); what their quiet_orbax changes process-wide is put back afterwards."""
+    levels, hook = {n: logging.getLogger(n).level for n in ("absl", "asyncio")}, sys.unraisablehook
+    yield {n: converter(n) for n in ("torch_to_jax", "jax_to_torch")}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    sys.unraisablehook = hook
 
 
 @fuzz(40)
@@ -367,7 +371,6 @@ CLI_CASES = [
 @pytest.mark.parametrize("script, fmt, member, content, expected", CLI_CASES)
 def test_hostile_inputs_through_the_converter_cli_are_one_line(templates, tmp_path, script, fmt, member, content, expected):
     import subprocess
-    import sys
 
     src = copy_of(templates[fmt], tmp_path)
     (src / member if member else src).write_bytes(content)

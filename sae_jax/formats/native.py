@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def _read_spec(path: Path) -> SAESpec:
             raise error(path, key, _JSON_TYPE_NAMES[key], json.dumps(value)[:80])
     for key in ("architecture", "d_in", "n_latents"):  # SAESpec has no default for these
         if key not in raw:
-            raise error(path, key, _JSON_TYPE_NAMES[key], "nothing")
+            raise error(path, key, _JSON_TYPE_NAMES[key], "the key missing")
     if "input_scale" in raw:
         raw["input_scale"] = float(raw["input_scale"])
     return make_spec(path, **raw)
@@ -118,15 +119,20 @@ def quiet_orbax() -> None:
 
     Process-wide. Silences orbax's absl warnings and errors (a failed async save
     logs its whole traceback there; the entry point reports the failure itself
-    in one line), and the "Event loop is closed" reports that tensorstore's late
-    callbacks raise (as unraisable exceptions) once a failed restore has closed
-    orbax's event loop; other unraisables still print.
+    in one line) and asyncio's "Task exception was never retrieved" for the
+    reads a failed restore abandons. Drops the unraisable exceptions a failed
+    restore leaves behind: "Event loop is closed" from tensorstore's late
+    callbacks, and the errors of orbax's abandoned read coroutines. Other
+    unraisables still print.
     """
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     default = sys.unraisablehook
 
     def hook(u):
-        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+        late = isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+        abandoned = f"{os.sep}orbax{os.sep}" in getattr(getattr(u.object, "cr_code", None), "co_filename", "")
+        if not (late or abandoned):
             default(u)
 
     sys.unraisablehook = hook
