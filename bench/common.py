@@ -62,3 +62,25 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
 def json_line(name: str, **payload) -> str:
     """The final machine-readable line of a benchmark."""
     return json.dumps({"bench": name, **payload}, sort_keys=False)
+
+
+# --- model FLOPs, for utilisation against a peak ------------------------------------
+
+
+def sae_train_flops_per_token(D: int, N: int) -> float:
+    """6 x params per token (forward 2x, backward 4x) for the dense SAE's 2*D*N weights; the sparse kernel does far fewer."""
+    return 6.0 * 2 * D * N
+
+
+def llama_forward_flops_per_token(sizes: dict, layers: int, context: int) -> float:
+    """2 x params of the `layers` decoder layers run, plus attention's 4*T*(heads*head_dim) per layer over all T keys (no causal halving)."""
+    D, F = sizes["hidden_size"], sizes["intermediate_size"]
+    H = sizes.get("head_dim") or D // sizes["num_attention_heads"]
+    q, kv = sizes["num_attention_heads"] * H, sizes["num_key_value_heads"] * H
+    per_layer = D * q + 2 * D * kv + q * D + 3 * D * F
+    return layers * (2.0 * per_layer + 4.0 * context * q)
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float | None) -> float | None:
+    """Model FLOP utilisation: achieved model FLOP/s over the peak (None without a peak)."""
+    return None if not peak_tflops else flops_per_token * tokens_per_s / (peak_tflops * 1e12)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench.common import interleaved, json_line, machine, median, table
+from bench.common import interleaved, json_line, machine, median, mfu, sae_train_flops_per_token, table
 from bench.torch_sae import TorchTrainer
 
 SHAPES = {  # name: (D, expansion, B)
@@ -75,12 +75,13 @@ def jax_trainer(weights, arch: str, B: int, kernel: str, dtype: str = "float32",
     return cfg, state, make_step(cfg)
 
 
-def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tuple[str, ...] = ()) -> list[dict]:
+def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tuple[str, ...] = (), peak: float | None = None) -> list[dict]:
     D, expansion, B = SHAPES[shape]
     N = D * expansion
     weights, batches = bench_weights(D, N), bench_batches(D, B)
     xs_jax = [jnp.asarray(b) for b in batches]
-    xs_torch = [torch.from_numpy(b) for b in batches]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    xs_torch = [torch.from_numpy(b).to(device) for b in batches]
     fns, first = {}, {}
     for v in variants:
         it = iter(range(1 << 30))
@@ -102,7 +103,7 @@ def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tu
                 first[v + ":fallback"] = float(box["m"]["dense_fallback"])
             first[v + ":l0"] = float(box["m"]["l0"])
         else:
-            tr = TorchTrainer(weights, arch, K if arch == "topk" else None, v.split("-", 1)[1], lr=LR, l1=L1)
+            tr = TorchTrainer(weights, arch, K if arch == "topk" else None, v.split("-", 1)[1], lr=LR, l1=L1, device=device)
             box = {"loss": None}
 
             def fn(tr=tr, it=it, box=box):
@@ -116,7 +117,8 @@ def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tu
     for v in variants:
         t = median(times[v])
         rows.append(dict(shape=shape, arch=arch, D=D, N=N, B=B, variant=v, s_per_step=t, tokens_per_s=B / t,
-                         loss_step1=first[v], l0=first.get(v + ":l0", float("nan")), times=times[v]))
+                         loss_step1=first[v], l0=first.get(v + ":l0", float("nan")), times=times[v],
+                         mfu=mfu(sae_train_flops_per_token(D, N), B / t, peak)))
     best_torch = min((r["s_per_step"] for r in rows if r["variant"].startswith("torch")), default=float("nan"))
     for r in rows:
         r["vs_best_torch"] = best_torch / r["s_per_step"]
@@ -132,21 +134,23 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default="jax-dense,jax-sparse,torch-eager,torch-fused,torch-compile")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--set", action="append", default=[], help="config override for our variants, e.g. train.sparse_k_max=128")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)")
     a = p.parse_args(argv)
     print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     rows = []
     for shape in a.shapes.split(","):
         for arch in a.archs.split(","):
-            out = run_shape(shape, arch, a.rounds, a.variants.split(","), tuple(a.set))
+            out = run_shape(shape, arch, a.rounds, a.variants.split(","), tuple(a.set), a.peak_tflops)
             rows += out
             print(table(out, [("shape", "shape", "s"), ("arch", "arch", "s"), ("B", "B", "d"), ("variant", "variant", "s"),
                               ("s_per_step", "s/step", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
-                              ("vs_best_torch", "x best torch", ".2f"), ("loss_step1", "loss@1", ".6g")]), flush=True)
+                              ("vs_best_torch", "x best torch", ".2f"), ("loss_step1", "loss@1", ".6g")]
+                        + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])), flush=True)
     ratios = {}
     for r in rows:
         if r["variant"].startswith("jax"):
             ratios[f"{r['shape']}/{r['arch']}/{r['variant']}"] = round(r["vs_best_torch"], 3)
-    print(json_line("sae_step", machine=machine(), rounds=a.rounds, ratios_vs_best_torch=ratios,
+    print(json_line("sae_step", machine=machine(), rounds=a.rounds, peak_tflops=a.peak_tflops, ratios_vs_best_torch=ratios,
                     rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "times"} for r in rows]))
 
 

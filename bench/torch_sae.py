@@ -51,8 +51,8 @@ class TorchTrainer:
 
     def __init__(self, params: dict[str, np.ndarray], architecture: str, k: int | None, variant: str, *,
                  lr: float, l1: float, grad_clip: float = 1.0, auxk_k: int = 256, auxk_alpha: float = 1 / 32,
-                 dead_tokens: int = 10_000_000, scale: float = 1.0):
-        self.sae = TorchSAE(params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"], architecture, k)
+                 dead_tokens: int = 10_000_000, scale: float = 1.0, device: str = "cpu"):
+        self.sae = TorchSAE(params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"], architecture, k).to(device)
         ps = list(self.sae.parameters())
         if variant == "eager":
             self.opt = torch.optim.Adam(ps, lr=lr, foreach=False)
@@ -65,7 +65,7 @@ class TorchTrainer:
             self.opt = torch.optim.Adam(ps, lr=lr, foreach=True)
         else:
             raise ValueError(f"variant: expected eager, fused or compile, found {variant!r}")
-        self.since = torch.zeros(self.sae.W_enc.shape[1], dtype=torch.int64)
+        self.since = torch.zeros(self.sae.W_enc.shape[1], dtype=torch.int64, device=device)
         self.cfg = dict(l1=l1, auxk_k=auxk_k, auxk_alpha=auxk_alpha)
         self.grad_clip, self.dead_tokens, self.scale = grad_clip, dead_tokens, scale
         self._step = torch.compile(self._eager_step) if variant == "compile" else self._eager_step

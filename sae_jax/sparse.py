@@ -122,7 +122,7 @@ def sparse_value_and_grad(
     dead: jax.Array,
     auxk_k: int,
     auxk_coefficient: float,
-    k_max: int = 512,
+    k_max: int = 128,
     compute_dtype: str = "float32",
 ) -> tuple[tuple[jax.Array, tuple[Forward, LossParts]], SAEParams]:
     """x: [B, D] scaled -> ((loss, (forward, parts)), grads), the values of differentiating `loss.sae_loss`.

@@ -1,0 +1,150 @@
+"""Layer-L activation tokens/s: our jitted truncated Flax forward vs transformers' PyTorch Llama, same checkpoint.
+
+    python bench/harvest.py                  # hidden 512, 12 layers, vocab 128256, 8 x 256 tokens, float32
+    python bench/harvest.py --preset 1b      # Llama-3.2-1B's shapes (random bf16 weights; for a GPU)
+
+A random Llama-3.2-architecture checkpoint is written with
+`sae_jax.llama.write_tiny_checkpoint` at the chosen sizes. Ours: the harvest
+the trainer uses (`sae_jax.data.activations.llama_harvest`: `llama.residual`
+jitted, layers past L never run). PyTorch, `LlamaForCausalLM` from the same
+folder in the same compute dtype, three ways: the notebook's forward hook on
+layer L (the whole forward runs, logits included), `output_hidden_states=True`
+(likewise), and a pre-hook on layer L that raises once it has the input, so
+layers L.. and the logits never run (the best PyTorch way). Variants run in
+interleaved rounds; the table gives the median seconds per batch. Every way
+is checked to return the same residual as ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import numpy as np
+import torch
+
+from bench.common import interleaved, json_line, llama_forward_flops_per_token, machine, median, mfu, table
+
+PRESETS = {  # hidden, layers, heads, kv heads, intermediate, vocab
+    "mid": dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2, intermediate_size=2048, vocab_size=128256),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, vocab_size=128256),
+    "smoke": dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=512),
+}
+
+
+class _Stop(Exception):
+    """Raised by the pre-hook once layer L's input is captured."""
+
+
+def torch_ways(folder: str, layer: int, dtype: str, device: str):
+    """{name: fn(ids [S, T] int64 tensor, mask) -> [S, T, D] tensor} for the three PyTorch ways."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    block = model.model.layers[layer]
+    box = {}
+
+    def notebook(ids, mask):  # the notebook's hook: inputs[0] of layer L, then the whole forward goes on
+        h = block.register_forward_hook(lambda mod, args, out: box.__setitem__("x", args[0]))
+        try:
+            model(ids, attention_mask=mask)
+        finally:
+            h.remove()
+        return box["x"]
+
+    def hidden_states(ids, mask):
+        return model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+
+    def stop(mod, args, kwargs):
+        box["x"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    def early_stop(ids, mask):  # the best PyTorch way: stop before layer L runs
+        h = block.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            model.model(ids, attention_mask=mask)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        return box["x"]
+
+    return {"torch-hook": notebook, "torch-hidden-states": hidden_states, "torch-hook-raise": early_stop}, model
+
+
+def run(preset: str, seqs: int, context: int, layer: int, dtype: str, rounds: int, peak: float | None = None) -> list[dict]:
+    from sae_jax import llama
+    from sae_jax.data.activations import llama_harvest
+
+    sizes = PRESETS[preset]
+    folder = tempfile.mkdtemp(prefix="harvest-bench-")
+    llama.write_tiny_checkpoint(folder, **sizes)
+    ids = np.random.default_rng(0).integers(0, sizes["vocab_size"], (seqs, context)).astype(np.int32)
+    mask = np.ones_like(ids)
+
+    ours = llama_harvest(llama.load(folder, dtype=dtype), layer, "input")
+    fns, outs = {}, {}
+    fns["jax"] = lambda: outs.__setitem__("jax", jax.block_until_ready(ours(ids, mask)))
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ways, model = torch_ways(folder, layer, dtype, device)
+    t_ids, t_mask = torch.as_tensor(ids, dtype=torch.int64, device=device), torch.as_tensor(mask, device=device)
+
+    def torch_fn(name, way):
+        def fn():
+            with torch.inference_mode():
+                x = way(t_ids, t_mask)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            outs[name] = x
+
+        return fn
+
+    for name, way in ways.items():
+        fns[name] = torch_fn(name, way)
+    times = interleaved(fns, rounds, warmup=1)
+    ref = np.asarray(outs["jax"], np.float32)
+    tokens = seqs * context
+    rows = []
+    for name in fns:
+        t = median(times[name])
+        got = ref if name == "jax" else outs[name].float().cpu().numpy()
+        err = float(np.abs(got - ref).max() / np.abs(ref).max())
+        rows.append(dict(preset=preset, variant=name, S=seqs, T=context, layer=layer, dtype=dtype, s_per_batch=t,
+                         tokens_per_s=tokens / t, rel_err_vs_jax=err,
+                         mfu=mfu(llama_forward_flops_per_token(sizes, layer, context), tokens / t, peak)))
+    best = min(r["s_per_batch"] for r in rows if r["variant"].startswith("torch"))
+    for r in rows:
+        r["vs_best_torch"] = best / r["s_per_batch"]
+    del model
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="mid", choices=list(PRESETS))
+    p.add_argument("--seqs", type=int, default=8, help="S, sequences per forward")
+    p.add_argument("--context", type=int, default=256, help="T, tokens per sequence")
+    p.add_argument("--layer", type=int, default=9)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)")
+    a = p.parse_args(argv)
+    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    rows = run(a.preset, a.seqs, a.context, a.layer, a.dtype, a.rounds, a.peak_tflops)
+    print(table(rows, [("preset", "model", "s"), ("variant", "variant", "s"), ("S", "S", "d"), ("T", "T", "d"),
+                       ("s_per_batch", "s/batch", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                       ("vs_best_torch", "x best torch", ".2f"), ("rel_err_vs_jax", "max rel err", ".1e")]
+                + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])))
+    ratio = next(r["vs_best_torch"] for r in rows if r["variant"] == "jax")
+    print(json_line("harvest", machine=machine(), preset=a.preset, peak_tflops=a.peak_tflops, sizes=PRESETS[a.preset], jax_vs_best_torch=round(ratio, 3),
+                    rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
