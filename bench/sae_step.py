@@ -37,6 +37,14 @@ SHAPES = {  # name: (D, expansion, B)
     "smoke": (64, 4, 32),
 }
 K = 64  # topk's k, and the L0 the relu weights aim at
+JAX_VARIANTS = {  # name: (train.kernel, train.compute_dtype, other config)
+    "jax-dense": ("dense", "float32", ()),
+    "jax-sparse": ("sparse", "float32", ()),
+    "jax-sparse-mm": ("sparse", "float32", ("train.sparse_encoder_grad=matmul",)),
+    "jax-dense-bf16": ("dense", "bfloat16", ()),
+    "jax-sparse-bf16": ("sparse", "bfloat16", ()),
+    "jax-sparse-mm-bf16": ("sparse", "bfloat16", ("train.sparse_encoder_grad=matmul",)),
+}
 L1, LR = 5.0, 1e-6  # a small lr keeps L0 where it starts over the run
 
 
@@ -86,9 +94,8 @@ def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tu
     for v in variants:
         it = iter(range(1 << 30))
         if v.startswith("jax"):
-            kernel, dtype = {"jax-dense": ("dense", "float32"), "jax-sparse": ("sparse", "float32"),
-                             "jax-sparse-bf16": ("sparse", "bfloat16"), "jax-dense-bf16": ("dense", "bfloat16")}[v]
-            cfg, state, step = jax_trainer(weights, arch, B, kernel, dtype, extra)
+            kernel, dtype, sets = JAX_VARIANTS[v]
+            cfg, state, step = jax_trainer(weights, arch, B, kernel, dtype, extra + sets)
             box = {"s": state, "m": None}
             one = jnp.float32(1.0)
 
@@ -131,7 +138,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="release,small", help=f"comma list of {list(SHAPES)}")
     p.add_argument("--archs", default="relu,topk")
-    p.add_argument("--variants", default="jax-dense,jax-sparse,torch-eager,torch-fused,torch-compile")
+    p.add_argument("--variants", default="jax-dense,jax-sparse,jax-sparse-mm,torch-eager,torch-fused,torch-compile",
+                   help=f"comma list of {list(JAX_VARIANTS)} and torch-eager, torch-fused, torch-compile")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--set", action="append", default=[], help="config override for our variants, e.g. train.sparse_k_max=128")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)")

@@ -6,7 +6,9 @@ TopK has exactly `k` active latents per token, and a trained ReLU SAE about L0
 active pairs (latent index, pre-activation): decoding gathers K decoder rows
 per token, and the gradients of W_dec (those rows) and of W_enc (those
 columns) are one scatter-add of [B, K] D-vectors. Decode, dW_dec and dW_enc
-are O(B·K·D) instead of O(B·N·D).
+are O(B·K·D) instead of O(B·N·D). (`encoder_grad="matmul"` forms dW_enc as
+one dense GEMM instead: on CPU, XLA's scatter and the transpose into W_enc's
+[D, N] layout cost more than the GEMM they save.)
 
 ReLU: the `k_max` largest pre-activations of a token hold all its positive
 ones whenever it has at most `k_max`; a batch where some token has more is
@@ -19,40 +21,51 @@ has_aux=True)` returns, up to float32 summation order.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from sae_jax.loss import LossParts, matmul, sae_loss, squared_error
 from sae_jax.sae import Forward, SAEParams, SAESpec
 
-# What the sparse branches differentiate: SAEParams' arrays with W_enc transposed
-# to [N, D], so that its gradient is scattered as contiguous rows, like W_dec's.
-Wrt = tuple  # (W_enc_T [N, D], b_enc [N], W_dec [N, D], b_dec [D])
+# What the sparse branches differentiate: SAEParams' arrays, W_enc as the encoder
+# gradient's mode lays it out (see `_active`).
+Wrt = tuple  # (W_enc [D, N] ("matmul") or W_enc^T [N, D] ("scatter"), b_enc [N], W_dec [N, D], b_dec [D])
 
 
-@jax.custom_vjp
-def _active(x, W_enc_T, b_enc, W_dec, pre, idx):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _active(x, W_enc, b_enc, W_dec, pre, idx, encoder_grad):
     """x: [B, D], pre: [B, N] (= x @ W_enc + b_enc, computed once), idx: [B, K] -> (pre at idx [B, K], W_dec rows [B, K, D]).
 
-    W_enc_T and b_enc enter only through their gradient: one scatter-add per
-    active pair into row idx of dW_enc^T and dW_dec. `pre` carries no gradient.
+    W_enc and b_enc enter only through their gradient; `pre` carries none.
+    dW_dec is a scatter-add of the rows' gradients. dW_enc, by `encoder_grad`:
+    "scatter" takes W_enc as W_enc^T [N, D] and scatters x_b * g into row idx
+    beside dW_dec's (O(B*K*D)); "matmul" takes W_enc [D, N] and forms
+    x^T @ dpre with the sparse [B, N] dpre written out (one O(B*N*D) GEMM, but
+    no scatter and no transpose; faster on CPU, see bench/sae_step.py).
     """
     return jnp.take_along_axis(pre, idx, axis=-1), jnp.take(W_dec, idx, axis=0, mode="clip")  # idx from top_k: in range
 
 
-def _active_fwd(x, W_enc_T, b_enc, W_dec, pre, idx):
-    return _active(x, W_enc_T, b_enc, W_dec, pre, idx), (x, idx, W_dec)  # W_dec only for its shape
+def _active_fwd(x, W_enc, b_enc, W_dec, pre, idx, encoder_grad):
+    return _active(x, W_enc, b_enc, W_dec, pre, idx, encoder_grad), (x, idx, W_dec)  # W_dec only for its shape
 
 
-def _active_bwd(res, cot):
-    """(g_vals [B, K], g_rows [B, K, D]) -> (None, dW_enc_T [N, D], db_enc [N], dW_dec [N, D], None, None)."""
+def _active_bwd(encoder_grad, res, cot):
+    """(g_vals [B, K], g_rows [B, K, D]) -> (None, dW_enc, db_enc [N], dW_dec [N, D], None, None)."""
     x, idx, W_dec = res
     g_vals, g_rows = cot
     (N, D), flat = W_dec.shape, idx.reshape(-1)
-    # One scatter of [2, D] windows: row n of dW_dec and of dW_enc^T side by side.
-    upd = jnp.stack([g_rows.astype(jnp.float32), g_vals[..., None] * x.astype(jnp.float32)[:, None, :]], axis=2)
-    both = jnp.zeros((N, 2, D), jnp.float32).at[flat].add(upd.reshape(-1, 2, D))
+    x = x.astype(jnp.float32)
     db_enc = jnp.zeros((N,), jnp.float32).at[flat].add(g_vals.reshape(-1))
+    if encoder_grad == "matmul":
+        dpre = jnp.put_along_axis(jnp.zeros((x.shape[0], N), jnp.float32), idx, g_vals, axis=-1, inplace=False)
+        dW_dec = jnp.zeros((N, D), jnp.float32).at[flat].add(g_rows.reshape(-1, D).astype(jnp.float32))
+        return None, x.T @ dpre, db_enc, dW_dec, None, None
+    # One scatter of [2, D] windows: row n of dW_dec and of dW_enc^T side by side.
+    upd = jnp.stack([g_rows.astype(jnp.float32), g_vals[..., None] * x[:, None, :]], axis=2)
+    both = jnp.zeros((N, 2, D), jnp.float32).at[flat].add(upd.reshape(-1, 2, D))
     return None, both[:, 1], db_enc, both[:, 0], None, None
 
 
@@ -74,10 +87,10 @@ def _decode(a: jax.Array, rows: jax.Array, dtype) -> jax.Array:
     return jnp.einsum("bk,bkd->bd", a.astype(dtype), rows.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _loss(wrt: Wrt, spec, x, pre, idx, *, l1_coefficient, dead, auxk_k, auxk_coefficient, dtype, with_auxk):
+def _loss(wrt: Wrt, spec, x, pre, idx, *, l1_coefficient, dead, auxk_k, auxk_coefficient, dtype, with_auxk, encoder_grad):
     """The loss from the active set idx [B, K] of pre [B, N]; x: [B, D] float32 -> (loss, (Forward, LossParts))."""
-    W_enc_T, b_enc, W_dec, b_dec = wrt
-    vals, rows = _active(x, W_enc_T, b_enc, W_dec, pre, idx)
+    W_enc, b_enc, W_dec, b_dec = wrt
+    vals, rows = _active(x, W_enc, b_enc, W_dec, pre, idx, encoder_grad)
     a = jax.nn.relu(vals)
     x_hat = _decode(a, rows, dtype) + b_dec
     recon = squared_error(x, x_hat)
@@ -88,16 +101,16 @@ def _loss(wrt: Wrt, spec, x, pre, idx, *, l1_coefficient, dead, auxk_k, auxk_coe
         sparsity = jnp.mean(jnp.sum(a * norms, axis=-1))
         parts = LossParts(recon + l1_coefficient * sparsity, recon, sparsity, zero)
     else:
-        aux = _auxk(wrt, x, pre, jax.lax.stop_gradient(x - x_hat), dead, auxk_k, dtype) if with_auxk else zero
+        aux = _auxk(wrt, x, pre, jax.lax.stop_gradient(x - x_hat), dead, auxk_k, dtype, encoder_grad) if with_auxk else zero
         parts = LossParts(recon + auxk_coefficient * aux, recon, zero, aux)
     return parts.loss, (Forward(x_hat, dense_codes(idx, a, spec.n_latents), pre), parts)
 
 
-def _auxk(wrt: Wrt, x, pre, residual, dead, k, dtype):
+def _auxk(wrt: Wrt, x, pre, residual, dead, k, dtype, encoder_grad):
     """`loss.auxk_error` over the k largest dead pre-activations only: O(B·k·D). Assumes some latent is dead."""
-    W_enc_T, b_enc, W_dec, _ = wrt
+    W_enc, b_enc, W_dec, _ = wrt
     top, idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), min(k, pre.shape[-1]))
-    vals, rows = _active(x, W_enc_T, b_enc, W_dec, pre, idx)
+    vals, rows = _active(x, W_enc, b_enc, W_dec, pre, idx, encoder_grad)
     v = jnp.where(jnp.isfinite(top), jax.nn.relu(vals), 0.0)
     return squared_error(residual, _decode(v, rows, dtype))
 
@@ -124,6 +137,7 @@ def sparse_value_and_grad(
     auxk_coefficient: float,
     k_max: int = 128,
     compute_dtype: str = "float32",
+    encoder_grad: str = "scatter",
 ) -> tuple[tuple[jax.Array, tuple[Forward, LossParts]], SAEParams]:
     """x: [B, D] scaled -> ((loss, (forward, parts)), grads), the values of differentiating `loss.sae_loss`.
 
@@ -131,18 +145,20 @@ def sparse_value_and_grad(
     inside the differentiated function would make each branch carry the other's
     residuals). relu: sparse, or dense when a token has more than `k_max` active
     latents. topk: without AuxK while no latent is dead, with it otherwise.
+    `encoder_grad`: "scatter" or "matmul", as `_active` describes.
     """
     dtype = jnp.dtype(compute_dtype)
     x = x.astype(jnp.float32)
     pre = jax.lax.stop_gradient(matmul(x, params.W_enc, dtype) + params.b_enc.astype(jnp.float32))
     kw = dict(l1_coefficient=l1_coefficient, dead=dead, auxk_k=auxk_k, auxk_coefficient=auxk_coefficient)
+    scatter = encoder_grad == "scatter"
     # W_enc.T is never computed: the sparse loss reads W_enc only through `pre`.
-    wrt = (params.W_enc.T, params.b_enc, params.W_dec, params.b_dec)
+    wrt = (params.W_enc.T if scatter else params.W_enc, params.b_enc, params.W_dec, params.b_dec)
 
     def sparse(idx, with_auxk):
-        f = lambda w: _loss(w, spec, x, pre, idx, **kw, dtype=dtype, with_auxk=with_auxk)
-        out, (dW_enc_T, db_enc, dW_dec, db_dec) = jax.value_and_grad(f, has_aux=True)(wrt)
-        return out, SAEParams(_transposed(dW_enc_T), db_enc, dW_dec, db_dec)
+        f = lambda w: _loss(w, spec, x, pre, idx, **kw, dtype=dtype, with_auxk=with_auxk, encoder_grad=encoder_grad)
+        out, (dW_enc, db_enc, dW_dec, db_dec) = jax.value_and_grad(f, has_aux=True)(wrt)
+        return out, SAEParams(_transposed(dW_enc) if scatter else dW_enc, db_enc, dW_dec, db_dec)
 
     if spec.architecture == "topk":
         idx = jax.lax.top_k(pre, spec.k)[1]

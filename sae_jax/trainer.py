@@ -142,7 +142,7 @@ def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfi
         compute_dtype=t.compute_dtype,
     )
     if t.kernel == "sparse":
-        return sparse_value_and_grad(state.params, spec, x, **kw, k_max=t.sparse_k_max)
+        return sparse_value_and_grad(state.params, spec, x, **kw, k_max=t.sparse_k_max, encoder_grad=t.sparse_encoder_grad)
     return jax.value_and_grad(lambda p: sae_loss(p, spec, x, **kw), has_aux=True)(state.params)
 
 

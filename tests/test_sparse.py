@@ -66,6 +66,8 @@ CASES = {  # name: (arch, extra config, b_enc shift, dead_every)
     "relu-fallback": ("relu", {"train.sparse_k_max": 2}, -1.0, 0),
     "topk": ("topk", {}, 0.0, 0),
     "topk-dead": ("topk", {}, 0.0, 3),
+    "relu-matmul": ("relu", {"train.sparse_k_max": 32, "train.sparse_encoder_grad": "matmul"}, -1.0, 0),
+    "topk-dead-matmul": ("topk", {"train.sparse_encoder_grad": "matmul"}, 0.0, 3),
 }
 
 
@@ -85,7 +87,7 @@ def test_sparse_loss_and_gradients_equal_dense(case):
         # The path taken: sparse when no token exceeds k_max, the dense fallback otherwise.
         assert bool(fits_sparse(out.pre, sparse_cfg.train.sparse_k_max)) == (case != "relu-fallback")
         assert 4 <= active <= 32 and parts.sparsity > 0
-    if case == "topk-dead":
+    if case.startswith("topk-dead"):
         assert float(parts.auxk) > 0 and float(s_parts.auxk) == pytest.approx(float(parts.auxk), rel=TOL)
     assert s_loss == pytest.approx(loss, rel=TOL)
     for a, b in zip(s_parts, parts):
@@ -106,10 +108,12 @@ def test_decoder_norm_penalty_is_in_the_sparse_gradient():
     assert rel(g0.W_dec, g.W_dec) > 1e-2
 
 
+@pytest.mark.parametrize("encoder_grad", ["scatter", "matmul"])
 @pytest.mark.parametrize("arch", ["relu", "topk"])
-def test_sparse_training_follows_dense_for_8_steps(arch):
+def test_sparse_training_follows_dense_for_8_steps(arch, encoder_grad):
     """Params after 8 steps; topk with dead_tokens = 3 batches, so AuxK switches on from step 4."""
     extra = {"train.sparse_k_max": 48} if arch == "relu" else {"train.dead_tokens": 3 * B}
+    extra["train.sparse_encoder_grad"] = encoder_grad
     params, metrics = {}, {}
     for kernel in ("dense", "sparse"):
         cfg = config(arch, kernel, **extra)
