@@ -123,7 +123,7 @@ def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tu
     rows = []
     for v in variants:
         t = median(times[v])
-        rows.append(dict(shape=shape, arch=arch, D=D, N=N, B=B, variant=v, s_per_step=t, tokens_per_s=B / t,
+        rows.append(dict(shape=shape, arch=arch, D=D, N=N, B=B, variant=v, s_per_step=t, min_s=min(times[v]), tokens_per_s=B / t,
                          loss_step1=first[v], l0=first.get(v + ":l0", float("nan")), times=times[v],
                          mfu=mfu(sae_train_flops_per_token(D, N), B / t, peak)))
     best_torch = min((r["s_per_step"] for r in rows if r["variant"].startswith("torch")), default=float("nan"))
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
             out = run_shape(shape, arch, a.rounds, a.variants.split(","), tuple(a.set), a.peak_tflops)
             rows += out
             print(table(out, [("shape", "shape", "s"), ("arch", "arch", "s"), ("B", "B", "d"), ("variant", "variant", "s"),
-                              ("s_per_step", "s/step", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                              ("s_per_step", "s/step", ".3f"), ("min_s", "min s", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
                               ("vs_best_torch", "x best torch", ".2f"), ("loss_step1", "loss@1", ".6g")]
                         + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])), flush=True)
     ratios = {}

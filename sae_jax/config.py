@@ -165,7 +165,7 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "A non-finite loss, gradient or input: 'stop' (exit non-zero, keep the last good checkpoint) or 'skip' the batch and count it.")
     kernel: Literal["dense", "sparse"] = opt("dense", "'dense' (the reference) or 'sparse': decode and both weight gradients over the active latents only, O(B*K*D) instead of O(B*N*D); same loss and gradients.")
     sparse_k_max: int = opt(128, "Active-latent cap per token of the sparse kernel for relu (about 2x the release's L0 of 63; its work grows with it): a batch with a token above it runs dense, exact either way, and logs dense_fallback = 1.")
-    sparse_encoder_grad: Literal["scatter", "matmul"] = opt("scatter", "How the sparse kernel forms W_enc's gradient: 'scatter' (O(B*K*D), a scatter-add then one transpose into W_enc's [D, N] layout) or 'matmul' (one dense GEMM x^T @ dpre, O(B*N*D); faster on CPU at N = 32768).")
+    sparse_encoder_grad: Literal["matmul", "scatter"] = opt("matmul", "How the sparse kernel forms W_enc's gradient: 'matmul' (one dense GEMM x^T @ dpre, O(B*N*D)) or 'scatter' (O(B*K*D): a scatter-add, then a transpose into W_enc's [D, N] layout). On a 2-core CPU at the release shape 'matmul' steps 1.7-2.5x faster (bench/sae_step.py).")
     compute_dtype: Literal["float32", "bfloat16"] = opt("float32", "Dtype of the matmul inputs (accumulated in float32); params and Adam state stay float32.")
 
     def check(self, path: str) -> None:

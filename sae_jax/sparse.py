@@ -6,9 +6,9 @@ TopK has exactly `k` active latents per token, and a trained ReLU SAE about L0
 active pairs (latent index, pre-activation): decoding gathers K decoder rows
 per token, and the gradients of W_dec (those rows) and of W_enc (those
 columns) are one scatter-add of [B, K] D-vectors. Decode, dW_dec and dW_enc
-are O(B·K·D) instead of O(B·N·D). (`encoder_grad="matmul"` forms dW_enc as
-one dense GEMM instead: on CPU, XLA's scatter and the transpose into W_enc's
-[D, N] layout cost more than the GEMM they save.)
+are O(B·K·D) instead of O(B·N·D). By default (`encoder_grad="matmul"`) dW_enc
+is one dense GEMM instead: on CPU, XLA's scatter and the transpose into
+W_enc's [D, N] layout cost more than the GEMM they save.
 
 ReLU: the `k_max` largest pre-activations of a token hold all its positive
 ones whenever it has at most `k_max`; a batch where some token has more is
@@ -137,7 +137,7 @@ def sparse_value_and_grad(
     auxk_coefficient: float,
     k_max: int = 128,
     compute_dtype: str = "float32",
-    encoder_grad: str = "scatter",
+    encoder_grad: str = "matmul",
 ) -> tuple[tuple[jax.Array, tuple[Forward, LossParts]], SAEParams]:
     """x: [B, D] scaled -> ((loss, (forward, parts)), grads), the values of differentiating `loss.sae_loss`.
 

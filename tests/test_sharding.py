@@ -22,7 +22,7 @@ import sys
 import pytest
 
 MESHES = {"one": (1, 1), "data": (4, 1), "model": (1, 4), "both": (2, 2)}
-RUNS = [("relu", "dense"), ("relu", "sparse"), ("topk", "sparse")]
+RUNS = [("relu", "dense"), ("relu", "sparse"), ("topk", "sparse"), ("topk", "sparse-scatter")]  # kernel[-encoder grad]
 TOL = 1e-5
 D, EXPANSION, B, STEPS = 16, 4, 32, 5
 BIG = (256, 64)  # D, expansion: N = 16384, W_enc and W_dec 16 MiB each
@@ -95,7 +95,9 @@ def _worker() -> dict:
     from sae_jax.trainer import _init_state, init_state, make_step
 
     def config(arch, kernel, mesh, d=D, expansion=EXPANSION, b=B):
+        kernel, _, encoder_grad = kernel.partition("-")
         sets = [f"sae.d_in={d}", f"sae.expansion={expansion}", f"data.batch_size={b}", f"train.kernel={kernel}",
+                f"train.sparse_encoder_grad={encoder_grad or 'matmul'}",
                 "train.lr=1e-3", "train.lr_warmup_steps=0", "train.steps=100", f"mesh.data={mesh[0]}", f"mesh.model={mesh[1]}"]
         if arch == "topk":
             sets += ["sae.architecture=topk", "sae.k=4", "train.auxk_k=8", "train.dead_tokens=64"]  # dead latents by step 3
