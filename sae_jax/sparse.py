@@ -4,11 +4,13 @@ TopK has exactly `k` active latents per token, and a trained ReLU SAE about L0
 (63 of 32768 for the release). Only the encoder's forward product
 `x @ W_enc` ([B, D] x [D, N]) must be dense. The rest works on the [B, K]
 active pairs (latent index, pre-activation): decoding gathers K decoder rows
-per token, and the gradients of W_dec (those rows) and of W_enc (those
-columns) are one scatter-add of [B, K] D-vectors. Decode, dW_dec and dW_enc
-are O(B·K·D) instead of O(B·N·D). By default (`encoder_grad="matmul"`) dW_enc
-is one dense GEMM instead: on CPU, XLA's scatter and the transpose into
-W_enc's [D, N] layout cost more than the GEMM they save.
+per token and W_dec's gradient is a scatter-add into those rows, both
+O(B·K·D) instead of O(B·N·D). W_enc's gradient, by `encoder_grad`: "scatter"
+adds x_b * g into the K active columns (O(B·K·D), beside dW_dec in the same
+scatter, then one transpose into W_enc's [D, N] layout); "matmul", the
+default, is the one GEMM x^T @ dpre with the sparse dpre written out. On CPU
+XLA's scatter and that transpose cost more than the GEMM they save
+(bench/sae_step.py); `bench/gpu.sh` measures both on a GPU.
 
 ReLU: the `k_max` largest pre-activations of a token hold all its positive
 ones whenever it has at most `k_max`; a batch where some token has more is
