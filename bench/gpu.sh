@@ -33,12 +33,12 @@ run() {  # name, then the command; the output is kept in $DEST/name.txt
 }
 
 if [ "$SMOKE" = 1 ]; then
-  run sae_step "$PY" bench/sae_step.py --shapes smoke --archs relu,topk --variants jax-dense,jax-sparse,jax-sparse-mm,jax-sparse-bf16,torch-fused --rounds 2 --peak-tflops "$PEAK"
+  run sae_step "$PY" bench/sae_step.py --shapes smoke --archs relu,topk --variants jax-dense,jax-sparse,jax-sparse-scatter,jax-sparse-bf16,torch-fused --rounds 2 --peak-tflops "$PEAK"
   run harvest "$PY" bench/harvest.py --preset smoke --seqs 2 --context 32 --rounds 2 --peak-tflops "$PEAK"
   run pipeline "$PY" bench/pipeline.py --preset smoke --seqs 2 --context 32 --batch 32 --buffer 256 --steps 4 --warmup 2 --peak-tflops "$PEAK"
 else
   run sae_step "$PY" bench/sae_step.py --shapes gpu --archs relu,topk \
-    --variants jax-dense,jax-sparse,jax-sparse-mm,jax-dense-bf16,jax-sparse-bf16,jax-sparse-mm-bf16,torch-eager,torch-fused,torch-compile --rounds 7 --peak-tflops "$PEAK"
+    --variants jax-dense,jax-sparse,jax-sparse-scatter,jax-dense-bf16,jax-sparse-bf16,jax-sparse-scatter-bf16,torch-eager,torch-fused,torch-compile --rounds 7 --peak-tflops "$PEAK"
   run harvest "$PY" bench/harvest.py --preset 1b --seqs 8 --context 1024 --dtype bfloat16 --rounds 7 --peak-tflops "$PEAK"
   run pipeline_dense "$PY" bench/pipeline.py --preset 1b --seqs 8 --context 1024 --dtype bfloat16 --batch 4096 \
     --sae-dtype bfloat16 --buffer 262144 --steps 64 --warmup 8 --peak-tflops "$PEAK"

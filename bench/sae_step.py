@@ -39,11 +39,11 @@ SHAPES = {  # name: (D, expansion, B)
 K = 64  # topk's k, and the L0 the relu weights aim at
 JAX_VARIANTS = {  # name: (train.kernel, train.compute_dtype, other config)
     "jax-dense": ("dense", "float32", ()),
-    "jax-sparse": ("sparse", "float32", ()),
-    "jax-sparse-mm": ("sparse", "float32", ("train.sparse_encoder_grad=matmul",)),
+    "jax-sparse": ("sparse", "float32", ()),  # dW_enc by GEMM, the default
+    "jax-sparse-scatter": ("sparse", "float32", ("train.sparse_encoder_grad=scatter",)),
     "jax-dense-bf16": ("dense", "bfloat16", ()),
     "jax-sparse-bf16": ("sparse", "bfloat16", ()),
-    "jax-sparse-mm-bf16": ("sparse", "bfloat16", ("train.sparse_encoder_grad=matmul",)),
+    "jax-sparse-scatter-bf16": ("sparse", "bfloat16", ("train.sparse_encoder_grad=scatter",)),
 }
 L1, LR = 5.0, 1e-6  # a small lr keeps L0 where it starts over the run
 
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="release,small", help=f"comma list of {list(SHAPES)}")
     p.add_argument("--archs", default="relu,topk")
-    p.add_argument("--variants", default="jax-dense,jax-sparse,jax-sparse-mm,torch-eager,torch-fused,torch-compile",
+    p.add_argument("--variants", default="jax-dense,jax-sparse,jax-sparse-scatter,torch-eager,torch-fused,torch-compile",
                    help=f"comma list of {list(JAX_VARIANTS)} and torch-eager, torch-fused, torch-compile")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--set", action="append", default=[], help="config override for our variants, e.g. train.sparse_k_max=128")
