@@ -108,6 +108,15 @@ def init_state(cfg: Config) -> TrainState:
     return jax.jit(lambda: _init_state(cfg), out_shardings=out)()
 
 
+def abstract_state(cfg: Config) -> TrainState:
+    """`init_state`'s shapes and dtypes as ShapeDtypeStructs, with its shardings under a mesh: what a checkpoint restores into, shard by shard."""
+    shapes = jax.eval_shape(lambda: _init_state(cfg))
+    if not sharding.needs_mesh(cfg):
+        return shapes
+    placed = sharding.state_shardings(sharding.make_mesh(cfg), shapes)
+    return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p), shapes, placed)
+
+
 def _init_state(cfg: Config) -> TrainState:
     spec = spec_from_config(cfg)
     key = jax.random.key(cfg.train.seed)

@@ -62,7 +62,7 @@ def test_wrong_reduction_is_seen(report):
     assert report["unreduced_rel_diff"] > 100 * TOL
 
 
-def test_large_sae_is_created_sharded_never_whole(report):
+def test_large_sae_is_created_and_restored_sharded_never_whole(report):
     big = report["big"]
     Db, N = BIG[0], BIG[0] * BIG[1]
     whole = Db * N * 4  # bytes of one of W_enc, W_dec, mu.*, nu.*
@@ -73,6 +73,7 @@ def test_large_sae_is_created_sharded_never_whole(report):
     assert big["output_bytes_per_device"] < 6 * whole / 4 + (1 << 20)
     assert big["temp_bytes_per_device"] < whole / 2
     assert big["matches_one_device_init"]  # bit for bit: the random bits are generated shard by shard
+    assert big["restored_shards"] == [[N // 4, Db]] * 4 and big["restored_equal"]
 
 
 def test_mesh_that_does_not_fit_is_a_config_error(report):
@@ -87,12 +88,15 @@ def test_mesh_that_does_not_fit_is_a_config_error(report):
 
 
 def _worker() -> dict:
+    import tempfile
+
     import jax
     import numpy as np
 
     from sae_jax.config import ConfigError, load_config
     from sae_jax import sharding
-    from sae_jax.trainer import _init_state, init_state, make_step
+    from sae_jax.checkpoint import Checkpoints
+    from sae_jax.trainer import _init_state, abstract_state, init_state, make_step
 
     def config(arch, kernel, mesh, d=D, expansion=EXPANSION, b=B):
         kernel, _, encoder_grad = kernel.partition("-")
@@ -159,6 +163,15 @@ def _worker() -> dict:
         "temp_bytes_per_device": mem.temp_size_in_bytes,
         "matches_one_device_init": rel(big_state.params, one.params) == 0.0,
     }
+
+    # A checkpoint of it restores shard by shard into `abstract_state`, as run.py resumes.
+    ckpts = Checkpoints(tempfile.mkdtemp() + "/ckpt", keep=1)
+    ckpts.save(1, big_state, {"scale": 1.0})
+    ckpts.wait()
+    _, restored, _ = ckpts.restore_latest(abstract_state(big_cfg))
+    ckpts.close()
+    big["restored_shards"] = shards(restored.params.W_dec)
+    big["restored_equal"] = rel(restored.params, big_state.params) == 0.0
 
     errors = {}
     for name, sets in {"devices": (4, 2, B, 4), "batch": (4, 1, 30, 4), "latents": (1, 3, B, 4)}.items():
