@@ -23,7 +23,7 @@ from sae_jax.config import Config, ConfigError, to_dict
 from sae_jax.data import Source, make_source
 from sae_jax.evaluate import quick_eval
 from sae_jax.sae import SAE, fold_input_scale
-from sae_jax.trainer import NONFINITE, TrainState, init_state, make_step, spec_from_config
+from sae_jax.trainer import NONFINITE, TrainState, abstract_state, init_state, make_step, spec_from_config
 from sae_jax.atomic import atomic_write_text, remove_leftovers
 
 
@@ -121,7 +121,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.run.keep)
     metrics_path = run_dir / "metrics.jsonl"
     try:
-        restored = ckpts.restore_latest(jax.eval_shape(lambda: init_state(cfg)))
+        restored = ckpts.restore_latest(abstract_state(cfg))
         if restored:
             start, state, meta = restored
             scale = float(meta["scale"])
