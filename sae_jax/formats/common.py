@@ -8,6 +8,7 @@ and those run in numpy, not XLA (XLA on CPU flushes subnormals in arithmetic).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -124,3 +125,14 @@ def check_sae(sae: SAE, where: str | Path) -> None:
         if np.dtype(a.dtype).name != sae.spec.dtype:
             raise error(where, name, f"dtype {sae.spec.dtype} (spec.dtype; use sae_jax.sae.cast)", np.dtype(a.dtype).name)
     check_tensors(where, arrays, sae.spec.shapes())
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path`, or a one-line SAEFormatError naming the file."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
+        raise SAEFormatError(f"{path}: unreadable JSON ({first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise error(path, "top level", "a JSON object", type(raw).__name__)
+    return raw

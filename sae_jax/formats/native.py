@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from sae_jax.formats.common import PARAM_NAMES, SAEFormatError, check_finite, error, first_line, make_spec, with_hook
+from sae_jax.formats.common import PARAM_NAMES, SAEFormatError, check_finite, error, first_line, make_spec, read_json_object, with_hook
 from sae_jax.sae import SAE, SAEParams, SAESpec, Site
 
 SPEC = "spec.json"
@@ -64,12 +64,7 @@ def load_jax(folder: Path, hook_layer: int | None = None, hook_site: Site | None
 
 
 def _read_spec(path: Path) -> SAESpec:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
-        raise SAEFormatError(f"{path}: unreadable JSON ({first_line(e)})") from None
-    if not isinstance(raw, dict):
-        raise error(path, "top level", "a JSON object", type(raw).__name__)
+    raw = read_json_object(path)
     version = raw.pop("format_version", None)
     if version != FORMAT_VERSION or type(version) is not int:
         raise error(path, "format_version", str(FORMAT_VERSION), json.dumps(version))

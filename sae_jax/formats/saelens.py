@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax.formats.common import SAEFormatError, check_finite, check_tensors, error, first_line, from_numpy, make_spec, to_numpy
+from sae_jax.formats.common import SAEFormatError, check_finite, check_tensors, error, first_line, from_numpy, make_spec, read_json_object, to_numpy
 from sae_jax.formats.tensorfile import read_tensors, write_tensors
 from sae_jax.sae import SAE, SAESpec, Site
 
@@ -56,7 +56,7 @@ def parse_hook_name(name: str) -> tuple[int, Site] | None:
 def load_saelens(folder: Path, hook_layer: int | None = None, hook_site: Site | None = None) -> SAE:
     """A SAELens folder -> SAE in the stored dtype (float32 if b_dec had to be folded)."""
     cfg_path = folder / CFG
-    cfg = _read_cfg(cfg_path)
+    cfg = read_json_object(cfg_path)
     architecture, k = _architecture(cfg_path, cfg)
     meta = _metadata(cfg)
     for key, allowed in _MUST_BE.items():
@@ -99,16 +99,6 @@ def write_saelens(sae: SAE, folder: Path, metadata: Mapping[str, object] | None 
     }
     write_tensors(folder / WEIGHTS, to_numpy(sae.params), "safetensors")
     (folder / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _read_cfg(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
-        raise SAEFormatError(f"{path}: unreadable JSON ({first_line(e)})") from None
-    if not isinstance(cfg, dict):
-        raise error(path, "top level", "a JSON object", type(cfg).__name__)
-    return cfg
 
 
 def _architecture(path: Path, cfg: dict) -> tuple[str, int | None]:
