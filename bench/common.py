@@ -30,6 +30,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {dev.platform} ({kind})"
 
 
+def add_malloc_flag(parser) -> None:
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (default: sae_jax.malloc.keep_freed_memory, as train.py does)")
+
+
+def set_malloc(system: bool) -> str:
+    """Apply --system-malloc before any computation; both frameworks run under the same allocator. -> a label for the table."""
+    from sae_jax.malloc import keep_freed_memory
+
+    return "system malloc" if system or not keep_freed_memory() else "malloc kept (one arena, no mmap)"
+
+
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each fn, measured `rounds` times in turn after `warmup` calls each.
 

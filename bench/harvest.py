@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import torch
 
-from bench.common import interleaved, json_line, llama_forward_flops_per_token, machine, median, mfu, table
+from bench.common import add_malloc_flag, set_malloc, interleaved, json_line, llama_forward_flops_per_token, machine, median, mfu, table
 
 PRESETS = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "mid": dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2, intermediate_size=2048, vocab_size=128256),
@@ -134,15 +134,17 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)")
+    add_malloc_flag(p)
     a = p.parse_args(argv)
-    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    allocator = set_malloc(a.system_malloc)
+    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {allocator}", flush=True)
     rows = run(a.preset, a.seqs, a.context, a.layer, a.dtype, a.rounds, a.peak_tflops)
     print(table(rows, [("preset", "model", "s"), ("variant", "variant", "s"), ("S", "S", "d"), ("T", "T", "d"),
                        ("s_per_batch", "s/batch", ".3f"), ("min_s", "min s", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
                        ("vs_best_torch", "x best torch", ".2f"), ("rel_err_vs_jax", "max rel err", ".1e")]
                 + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])))
     ratio = next(r["vs_best_torch"] for r in rows if r["variant"] == "jax")
-    print(json_line("harvest", machine=machine(), preset=a.preset, peak_tflops=a.peak_tflops, sizes=PRESETS[a.preset], jax_vs_best_torch=round(ratio, 3),
+    print(json_line("harvest", machine=machine(), allocator=allocator, preset=a.preset, peak_tflops=a.peak_tflops, sizes=PRESETS[a.preset], jax_vs_best_torch=round(ratio, 3),
                     rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]))
 
 

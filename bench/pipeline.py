@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import json_line, llama_forward_flops_per_token, machine, mfu, sae_train_flops_per_token, table
+from bench.common import add_malloc_flag, set_malloc, json_line, llama_forward_flops_per_token, machine, mfu, sae_train_flops_per_token, table
 from bench.harvest import PRESETS
 
 
@@ -134,8 +134,10 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--workdir", default=tempfile.gettempdir())
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)")
+    add_malloc_flag(p)
     a = p.parse_args(argv)
-    print(f"machine: {machine()}", flush=True)
+    allocator = set_malloc(a.system_malloc)
+    print(f"machine: {machine()}; {allocator}", flush=True)
     e2e = run_loop(a, attributed=False)
     att = run_loop(a, attributed=True)
     sizes = PRESETS[a.preset]
@@ -147,7 +149,7 @@ def main(argv=None) -> None:
     print(table(rows, [("mode", "pass", "s"), ("tokens_per_s", "tokens/s", ",.0f"), ("wall_s", "wall s", ".2f"),
                        ("harvest_frac", "harvest", ".0%"), ("train_frac", "train", ".0%"), ("host_frac", "host", ".0%")]
                 + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])))
-    print(json_line("pipeline", machine=machine(), preset=a.preset, peak_tflops=a.peak_tflops, S=a.seqs, T=a.context, B=a.batch, arch=a.arch,
+    print(json_line("pipeline", machine=machine(), allocator=allocator, preset=a.preset, peak_tflops=a.peak_tflops, S=a.seqs, T=a.context, B=a.batch, arch=a.arch,
                     kernel=a.kernel, end_to_end=e2e, attributed=att))
 
 

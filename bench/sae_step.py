@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench.common import interleaved, json_line, machine, median, mfu, sae_train_flops_per_token, table
+from bench.common import add_malloc_flag, set_malloc, interleaved, json_line, machine, median, mfu, sae_train_flops_per_token, table
 from bench.torch_sae import TorchTrainer
 
 SHAPES = {  # name: (D, expansion, B)
@@ -143,8 +143,10 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--set", action="append", default=[], help="config override for our variants, e.g. train.sparse_k_max=128")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)")
+    add_malloc_flag(p)
     a = p.parse_args(argv)
-    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    allocator = set_malloc(a.system_malloc)
+    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {allocator}", flush=True)
     rows = []
     for shape in a.shapes.split(","):
         for arch in a.archs.split(","):
@@ -158,7 +160,7 @@ def main(argv=None) -> None:
     for r in rows:
         if r["variant"].startswith("jax"):
             ratios[f"{r['shape']}/{r['arch']}/{r['variant']}"] = round(r["vs_best_torch"], 3)
-    print(json_line("sae_step", machine=machine(), rounds=a.rounds, peak_tflops=a.peak_tflops, ratios_vs_best_torch=ratios,
+    print(json_line("sae_step", machine=machine(), allocator=allocator, rounds=a.rounds, peak_tflops=a.peak_tflops, ratios_vs_best_torch=ratios,
                     rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "times"} for r in rows]))
 
 
