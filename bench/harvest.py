@@ -12,7 +12,11 @@ layer L (the whole forward runs, logits included), `output_hidden_states=True`
 (likewise), and a pre-hook on layer L that raises once it has the input, so
 layers L.. and the logits never run (the best PyTorch way). Variants run in
 interleaved rounds; the table gives the median seconds per batch. Every way
-is checked to return the same residual as ours.
+is checked to return the same residual as ours. One MLP-shaped product
+[S*T, D] x [D, F] per framework is timed in the same rounds: the practical
+GEMM peak, against which each way's model FLOP/s is given, and from which
+the largest speed-up any way doing these FLOPs could have over the best
+PyTorch way follows.
 """
 
 from __future__ import annotations
@@ -107,7 +111,10 @@ def run(preset: str, seqs: int, context: int, layer: int, dtype: str, rounds: in
 
     for name, way in ways.items():
         fns[name] = torch_fn(name, way)
-    times = interleaved(fns, rounds, warmup=1)
+    gemms = gemm_fns(seqs * context, sizes["hidden_size"], sizes["intermediate_size"], dtype, device)
+    times = interleaved({**fns, **gemms}, rounds, warmup=1)
+    gemm_rate = {name: 2.0 * seqs * context * sizes["hidden_size"] * sizes["intermediate_size"] / median(times[name]) for name in gemms}
+    peak_rate = max(gemm_rate.values())
     ref = np.asarray(outs["jax"], np.float32)
     tokens = seqs * context
     rows = []
@@ -115,14 +122,37 @@ def run(preset: str, seqs: int, context: int, layer: int, dtype: str, rounds: in
         t = median(times[name])
         got = ref if name == "jax" else outs[name].float().cpu().numpy()
         err = float(np.abs(got - ref).max() / np.abs(ref).max())
+        flops = llama_forward_flops_per_token(sizes, layer, context) * tokens / t
         rows.append(dict(preset=preset, variant=name, S=seqs, T=context, layer=layer, dtype=dtype, s_per_batch=t, min_s=min(times[name]),
-                         tokens_per_s=tokens / t, rel_err_vs_jax=err,
+                         tokens_per_s=tokens / t, rel_err_vs_jax=err, gflops=flops / 1e9, of_gemm_peak=flops / peak_rate,
                          mfu=mfu(llama_forward_flops_per_token(sizes, layer, context), tokens / t, peak)))
     best = min(r["s_per_batch"] for r in rows if r["variant"].startswith("torch"))
     for r in rows:
         r["vs_best_torch"] = best / r["s_per_batch"]
+    best_torch_rate = max(r["gflops"] for r in rows if r["variant"].startswith("torch")) * 1e9
+    # The most any way doing these FLOPs could gain over the best PyTorch way: running at the GEMM peak throughout.
+    ceiling = dict(gemm_gflops={k: v / 1e9 for k, v in gemm_rate.items()}, max_vs_best_torch=peak_rate / best_torch_rate)
     del model
-    return rows
+    return rows, ceiling
+
+
+def gemm_fns(M: int, D: int, F: int, dtype: str, device: str) -> dict:
+    """One MLP-shaped product [M, D] x [D, F] in each framework: the matrix unit's practical peak on this machine."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((M, D), dtype)
+    b = jnp.ones((D, F), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    ta = torch.ones((M, D), dtype=getattr(torch, dtype), device=device)
+    tb = torch.ones((D, F), dtype=getattr(torch, dtype), device=device)
+
+    def torch_gemm():
+        with torch.inference_mode():
+            ta @ tb
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+    return {"gemm-jax": lambda: jax.block_until_ready(f(a, b)), "gemm-torch": torch_gemm}
 
 
 def main(argv=None) -> None:
@@ -138,13 +168,17 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     allocator = set_malloc(a.system_malloc)
     print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {allocator}", flush=True)
-    rows = run(a.preset, a.seqs, a.context, a.layer, a.dtype, a.rounds, a.peak_tflops)
+    rows, ceiling = run(a.preset, a.seqs, a.context, a.layer, a.dtype, a.rounds, a.peak_tflops)
     print(table(rows, [("preset", "model", "s"), ("variant", "variant", "s"), ("S", "S", "d"), ("T", "T", "d"),
                        ("s_per_batch", "s/batch", ".3f"), ("min_s", "min s", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
-                       ("vs_best_torch", "x best torch", ".2f"), ("rel_err_vs_jax", "max rel err", ".1e")]
+                       ("vs_best_torch", "x best torch", ".2f"), ("gflops", "GFLOP/s", ".0f"), ("of_gemm_peak", "of GEMM peak", ".0%"),
+                       ("rel_err_vs_jax", "max rel err", ".1e")]
                 + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])))
     ratio = next(r["vs_best_torch"] for r in rows if r["variant"] == "jax")
+    print("GEMM peak [S*T, D] x [D, F]: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in ceiling["gemm_gflops"].items())
+          + f"; a way at that peak throughout would be {ceiling['max_vs_best_torch']:.2f}x the best PyTorch way")
     print(json_line("harvest", machine=machine(), allocator=allocator, preset=a.preset, peak_tflops=a.peak_tflops, sizes=PRESETS[a.preset], jax_vs_best_torch=round(ratio, 3),
+                    ceiling={k: (round(v, 3) if isinstance(v, float) else v) for k, v in ceiling.items()},
                     rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]))
 
 

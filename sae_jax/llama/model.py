@@ -21,7 +21,6 @@ from sae_jax.llama.config import LlamaConfig
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SITES = ("input", "output")
-_MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked (pad) row stays finite
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
@@ -45,13 +44,13 @@ class RMSNorm(nnx.Module):
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention, grouped: q [B, T, KV, G, H], k, v [B, S, KV, H], mask [B|1, T, S] bool -> [B, T, KV, G, H].
 
-    Scores and softmax in float32 whatever the compute dtype (transformers does the same).
+    `jax.nn.dot_product_attention` (XLA): scores and softmax in float32 whatever
+    the compute dtype, as transformers does; each KV head is read by its G
+    query heads without being repeated; a fully masked (pad) row stays finite.
     """
-    scale = q.shape[-1] ** -0.5
-    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask[:, None, None], s, _MASKED)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", p, v)
+    B, T, KV, G, H = q.shape
+    out = jax.nn.dot_product_attention(q.reshape(B, T, KV * G, H), k, v, mask=mask[:, None])
+    return out.reshape(B, T, KV, G, H)
 
 
 class Attention(nnx.Module):
