@@ -1,7 +1,9 @@
 """The training loop: resume, step, log, checkpoint, export.
 
 Rerunning the same config continues from the newest complete checkpoint in
-`run.out_dir` and ends with the same params as a run never stopped.
+`run.out_dir` and ends with the same params as a run never stopped. The rerun
+may change run.*, the mesh and the kernel (SPEED_ONLY): those change how the
+params are computed, not what they are.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from sae_jax import sharding
 from sae_jax.checkpoint import Checkpoints
 from sae_jax.config import Config, ConfigError, to_dict
 from sae_jax.data import Source, make_source
@@ -73,8 +77,17 @@ def open_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+# train.* keys that change how the step is computed, not what: the same loss and gradients up to
+# the order of float32 sums, so a run may resume with another value. (compute_dtype is not one:
+# bfloat16 matmul inputs change the numbers.)
+SPEED_ONLY = {"train.kernel", "train.sparse_k_max", "train.sparse_encoder_grad"}
+
+
 def _check_same_run(run_dir: Path, cfg: Config) -> None:
-    """Refuse to resume a run directory that was written by a different config (run.* may differ)."""
+    """Refuse to resume a run directory written by a different sae.*, data.* or train.* config.
+
+    run.*, mesh.* (the checkpoint restores into the new mesh's shardings) and SPEED_ONLY may differ.
+    """
     old_path = run_dir / "config.yaml"
     if not old_path.exists():
         return
@@ -88,7 +101,7 @@ def _check_same_run(run_dir: Path, cfg: Config) -> None:
             raise ConfigError(f"{old_path}: expected the config a run wrote, found {type(old).__name__}; use another run.out_dir")
         for key, value in _flatten(new[section], section).items():
             was = _flatten(old.get(section, {}), section).get(key)
-            if was != value:
+            if was != value and key not in SPEED_ONLY:
                 raise ConfigError(f"{key}: {run_dir} holds a run with {was!r}, this config says {value!r}; use another run.out_dir")
 
 
@@ -156,22 +169,31 @@ def final_eval(sae: SAE, source: Source, n_batches: int, path: Path) -> dict:
     return result
 
 
+def batch_placer(cfg: Config) -> Callable[[np.ndarray], jax.Array]:
+    """x: [B, D] host batch -> on device; under a mesh, this process's rows placed with the batch sharding."""
+    if not sharding.needs_mesh(cfg):
+        return jax.device_put
+    mesh = sharding.make_mesh(cfg)
+    rows = sharding.process_rows(mesh, cfg.data.batch_size)
+    return lambda x: sharding.place_batch(mesh, x[rows])
+
+
 def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, progress) -> TrainState:
     t, B = cfg.train, cfg.data.batch_size
-    step_fn = make_step(cfg)
+    step_fn, put = make_step(cfg), batch_placer(cfg)
     scale_dev = jnp.float32(scale)
     end = t.steps if stop_after is None else min(t.steps, stop_after)
     bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     last_time, last_step, skipped = time.perf_counter(), start, 0
     with open(metrics_path, "a") as mfile:
         pos = source.state()
-        x = jax.device_put(source.next_batch()) if start < end else None
+        x = put(source.next_batch()) if start < end else None
         for step in range(start, end):
             state, m = step_fn(state, x, scale_dev)
             done = step + 1
             # The next batch is prepared while the step runs; `pos` is where it starts.
             pos = source.state()
-            x = jax.device_put(source.next_batch()) if done < end else None
+            x = put(source.next_batch()) if done < end else None
             log_now = done % cfg.run.log_every == 0 or done == t.steps
             save_now = done % cfg.run.save_every == 0 or done == t.steps
             if log_now or save_now:

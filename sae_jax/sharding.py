@@ -16,9 +16,19 @@ Multi-host. Start the same command on every host with
 it needs no arguments; elsewhere pass `coordinator_address="host0:1234",
 num_processes=P, process_id=i`). `jax.devices()` then lists every host's
 devices, the mesh spans them all, and `data * model` must equal their total
-count. Each host reads its own B/P tokens per step and passes them through
-`jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)`;
-checkpoints are written by orbax from every host into one shared directory.
+count. Every host builds the same data source (same seed, same position) and
+keeps only its rows of each batch, `process_rows(mesh, B)` (B/P of them when
+the `data` axis spans the hosts), which `place_batch` assembles into the
+global [B, D] array without copying between hosts. So the global batch, the
+input scale and the data position saved in checkpoints are those of a
+one-process run, and a run may resume on another number of hosts. The cost:
+each host produces the whole batch to keep its share, cheap for the synthetic
+and disk sources but P Llama forwards per batch for source 'llama'; avoiding
+it needs each source to split its own input (shard files, text rows) by
+process. Checkpoints are written by orbax from every host into one shared
+directory. Only one process is tested (4 fake CPU devices, where a process's
+rows are the whole batch); the export and final eval gather the params to one
+host and are not yet written for several.
 """
 
 from __future__ import annotations
@@ -79,6 +89,22 @@ def state_shardings(mesh: Mesh, state: Any) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """x: [B, D] split over `data` by tokens."""
     return NamedSharding(mesh, P("data", None))
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> slice:
+    """The rows of each [B, D] batch that this process's devices hold under `batch_sharding`: all B on one process."""
+    from sae_jax.config import ConfigError
+
+    index = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1))
+    spans = sorted({idx[0].indices(batch_size)[:2] for idx in index.values()})
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise ConfigError(f"mesh: expected this process's devices to hold adjacent rows of the batch, found rows {spans}")
+    return slice(spans[0][0], spans[-1][1])
+
+
+def place_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:
+    """local: [B/P, D], this process's `process_rows` of the batch -> x: [B, D] with `batch_sharding` (B/P = B on one process)."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

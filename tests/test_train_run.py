@@ -85,14 +85,6 @@ def test_run_directory_holds_config_metrics_checkpoints_and_sae(tmp_path):
     np.testing.assert_allclose(forward(loaded, x).x_hat * result.scale, trained.x_hat, rtol=1e-4, atol=1e-5)
 
 
-def test_resume_with_a_different_config_is_refused(tmp_path):
-    from sae_jax.config import ConfigError
-
-    train(tiny(tmp_path), stop_after=10, progress=False)
-    with pytest.raises(ConfigError, match=r"train.lr: .* holds a run with 0.01, this config says 0.02"):
-        train(tiny(tmp_path, **{"train.lr": 0.02}), progress=False)
-
-
 def test_held_out_metrics_at_intervals_and_at_the_end(tmp_path):
     from sae_jax.data import make_source
     from sae_jax.evaluate import quick_eval
