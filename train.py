@@ -8,6 +8,7 @@ import json
 import sys
 
 from sae_jax.cli import fail_in_one_line
+from sae_jax.malloc import keep_freed_memory
 
 
 def main(argv=None) -> int:
@@ -38,4 +39,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # before any JAX computation; see sae_jax/malloc.py
     sys.exit(fail_in_one_line(main))

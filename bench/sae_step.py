@@ -9,6 +9,7 @@ same thing. Weights are built so that L0 is about 63, as the release's: unit
 decoder rows, the encoder their transpose, b_enc = -2.89 on N(0, 1) inputs
 (P(z > 2.89) * N = 63 at N = 32768); topk uses k = 64 on the same weights.
 Variants run in interleaved rounds; the table gives median seconds per step.
+Each (shape, arch) runs in a process of its own.
 The last line is JSON with every number and the ratios.
 """
 
@@ -145,23 +146,41 @@ def main(argv=None) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)")
     add_malloc_flag(p)
     a = p.parse_args(argv)
+    pairs = [(shape, arch) for shape in a.shapes.split(",") for arch in a.archs.split(",")]
+    if len(pairs) > 1:
+        return _each_in_its_own_process(pairs, argv if argv is not None else sys.argv[1:])
     allocator = set_malloc(a.system_malloc)
     print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {allocator}", flush=True)
-    rows = []
-    for shape in a.shapes.split(","):
-        for arch in a.archs.split(","):
-            out = run_shape(shape, arch, a.rounds, a.variants.split(","), tuple(a.set), a.peak_tflops)
-            rows += out
-            print(table(out, [("shape", "shape", "s"), ("arch", "arch", "s"), ("B", "B", "d"), ("variant", "variant", "s"),
-                              ("s_per_step", "s/step", ".3f"), ("min_s", "min s", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
-                              ("vs_best_torch", "x best torch", ".2f"), ("loss_step1", "loss@1", ".6g")]
-                        + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])), flush=True)
+    rows = run_shape(*pairs[0], a.rounds, a.variants.split(","), tuple(a.set), a.peak_tflops)
+    print(table(rows, [("shape", "shape", "s"), ("arch", "arch", "s"), ("B", "B", "d"), ("variant", "variant", "s"),
+                       ("s_per_step", "s/step", ".3f"), ("min_s", "min s", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                       ("vs_best_torch", "x best torch", ".2f"), ("loss_step1", "loss@1", ".6g")]
+                + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])), flush=True)
     ratios = {}
     for r in rows:
         if r["variant"].startswith("jax"):
             ratios[f"{r['shape']}/{r['arch']}/{r['variant']}"] = round(r["vs_best_torch"], 3)
     print(json_line("sae_step", machine=machine(), allocator=allocator, rounds=a.rounds, peak_tflops=a.peak_tflops, ratios_vs_best_torch=ratios,
                     rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "times"} for r in rows]))
+
+
+def _each_in_its_own_process(pairs: list[tuple[str, str]], argv: list[str]) -> None:
+    """Run each (shape, arch) in a fresh process, so no group's memory is held through the next; then one JSON line for all."""
+    import json
+    import subprocess
+
+    keep = [x for i, x in enumerate(argv) if not x.startswith(("--shapes", "--archs")) and not (i and argv[i - 1] in ("--shapes", "--archs"))]
+    merged: dict = {}
+    for shape, arch in pairs:
+        out = subprocess.run([sys.executable, __file__, "--shapes", shape, "--archs", arch, *keep], stdout=subprocess.PIPE, text=True)
+        lines = out.stdout.splitlines()
+        print("\n".join(l for l in lines if not l.startswith("{")), flush=True)
+        if out.returncode or not lines or not lines[-1].startswith("{"):
+            sys.exit(f"sae_step: {shape}/{arch} failed (exit {out.returncode})")
+        one = json.loads(lines[-1])
+        merged = {**one, "ratios_vs_best_torch": {**merged.get("ratios_vs_best_torch", {}), **one["ratios_vs_best_torch"]},
+                  "rows": merged.get("rows", []) + one["rows"]}
+    print(json.dumps(merged))
 
 
 if __name__ == "__main__":

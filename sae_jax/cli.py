@@ -1,19 +1,16 @@
-"""What every entry point shares: host malloc kept warm for XLA, expected errors end the program with one line."""
+"""What every entry point shares: expected errors end the program with one line, no traceback."""
 
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
-from sae_jax.malloc import keep_freed_memory
-
 # Errors that mean "bad input or a failed run", as opposed to bugs (which keep their traceback).
 EXPECTED = (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError, RuntimeError, KeyboardInterrupt)
 
 
 def fail_in_one_line(main: Callable[[], int]) -> int:
-    """Run `main` (after `keep_freed_memory`); an expected error prints `error: <first line>` to stderr and returns 1 (130 on Ctrl-C)."""
-    keep_freed_memory()
+    """Run `main`; an expected error prints `error: <first line>` to stderr and returns 1 (130 on Ctrl-C)."""
     try:
         return main()
     except KeyboardInterrupt:

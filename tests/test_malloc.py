@@ -44,12 +44,3 @@ def test_kept_malloc_faults_the_temporary_once_system_malloc_every_call():
     # Later calls: kept reuses the heap (well under 1% of the block's pages), the default maps it afresh.
     assert max(kept["faults"][1:]) < PAGES // 100, kept
     assert min(system["faults"][1:]) > PAGES * 9 // 10, system
-
-
-def test_train_entry_point_keeps_freed_memory(monkeypatch):
-    from sae_jax import cli
-
-    calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
-    assert cli.fail_in_one_line(lambda: 0) == 0
-    assert calls == [1]
