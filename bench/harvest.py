@@ -142,7 +142,7 @@ def gemm_fns(M: int, D: int, F: int, dtype: str, device: str) -> dict:
 
     a = jnp.ones((M, D), dtype)
     b = jnp.ones((D, F), dtype)
-    f = jax.jit(lambda a, b: a @ b)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))  # as the model's products
     ta = torch.ones((M, D), dtype=getattr(torch, dtype), device=device)
     tb = torch.ones((D, F), dtype=getattr(torch, dtype), device=device)
 

@@ -41,6 +41,15 @@ class RMSNorm(nnx.Module):
         return y.astype(self.dtype) * self.weight[...].astype(self.dtype)
 
 
+def _dot(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(spec, x, w) accumulated in float32, returned in x's dtype.
+
+    For bfloat16 this is also the fast path of XLA:CPU's dot (2.3x a bf16-out
+    product on AVX512-BF16); GPUs accumulate in float32 either way.
+    """
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention, grouped: q [B, T, KV, G, H], k, v [B, S, KV, H], mask [B|1, T, S] bool -> [B, T, KV, G, H].
 
@@ -74,18 +83,18 @@ class Attention(nnx.Module):
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [B, T, D], positions: [B, T] -> q [B, T, KV, G, H] and k [B, T, KV, H] rotated, v [B, T, KV, H]."""
-        c, dt = self.cfg, self.dtype
+        c = self.cfg
         D, KV, G, H = c.hidden_size, c.num_kv_heads, c.groups, c.head_dim
-        q = jnp.einsum("btd,kghd->btkgh", x, self.q[...].astype(dt).reshape(KV, G, H, D))
-        k = jnp.einsum("btd,khd->btkh", x, self.k[...].astype(dt).reshape(KV, H, D))
-        v = jnp.einsum("btd,khd->btkh", x, self.v[...].astype(dt).reshape(KV, H, D))
+        q = _dot("btd,kghd->btkgh", x, self.q[...].reshape(KV, G, H, D))
+        k = _dot("btd,khd->btkh", x, self.k[...].reshape(KV, H, D))
+        v = _dot("btd,khd->btkh", x, self.v[...].reshape(KV, H, D))
         cos, sin = rope.cos_sin(c, positions)
         return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
 
     def out(self, o: jax.Array) -> jax.Array:
         """o: [B, T, KV, G, H] attended values -> [B, T, D]."""
         c = self.cfg
-        return jnp.einsum("btkgh,dkgh->btd", o, self.o[...].astype(self.dtype).reshape(c.hidden_size, c.num_kv_heads, c.groups, c.head_dim))
+        return _dot("btkgh,dkgh->btd", o, self.o[...].reshape(c.hidden_size, c.num_kv_heads, c.groups, c.head_dim))
 
 
 class MLP(nnx.Module):
@@ -98,10 +107,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """SwiGLU. x: [B, T, D] -> [B, T, D]."""
-        dt = self.dtype
-        g = jnp.einsum("btd,fd->btf", x, self.gate[...].astype(dt))
-        u = jnp.einsum("btd,fd->btf", x, self.up[...].astype(dt))
-        return jnp.einsum("btf,df->btd", jax.nn.silu(g) * u, self.down[...].astype(dt))
+        g = _dot("btd,fd->btf", x, self.gate[...])
+        u = _dot("btd,fd->btf", x, self.up[...])
+        # The gate in float32: XLA:CPU's bfloat16 elementwise ops are 2.6x slower than converting.
+        h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x.dtype)
+        return _dot("btf,df->btd", h, self.down[...])
 
 
 class Block(nnx.Module):
