@@ -26,11 +26,13 @@ def main(argv=None) -> int:
         return 0
     cfg = load_config(args.config, args.set)
     from sae_jax.formats import quiet_orbax
-    from sae_jax.run import train
+    from sae_jax.run import train, writes_files
 
     quiet_orbax()
 
     result = train(cfg, progress=not args.no_progress)
+    if not writes_files():  # one of several processes: process 0 reports
+        return 0
     print(f"trained {int(result.state.step)} steps; SAE exported to {result.run_dir / 'sae'}")
     if (result.run_dir / "eval.json").exists():
         held_out = json.loads((result.run_dir / "eval.json").read_text())

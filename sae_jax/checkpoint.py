@@ -10,6 +10,11 @@ orbax checksums its array files, but nothing checks that `meta` (plain JSON)
 or the tree read back is what was saved. A checkpoint that fails to read or to
 match its fingerprint is named in a warning, renamed `<step>.unreadable` (out
 of orbax's sight, so the step can be saved again) and the one before is tried.
+
+With several processes every one saves and restores (each its own shards);
+they agree on each checkpoint: one any process cannot read is set aside by
+all, renamed by process 0 alone, and every process then tries the same one
+before it.
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from sae_jax.formats.common import cause, first_line
+from sae_jax.sharding import to_host
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint"
 UNREADABLE = ".unreadable"
+BARRIERS = "sae_jax"  # orbax names its barriers f"{BARRIERS}_{name}"
 
 
 class CheckpointError(RuntimeError):
@@ -45,7 +53,8 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         self._pending: int | None = None  # the step of the save that may still be in flight
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
+            max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=BARRIERS),
         )
         if self.directory.exists() and not self.directory.is_dir():  # orbax would fail only at the first save
             raise CheckpointError(f"{self.directory}: expected a checkpoint directory, found a file")
@@ -76,21 +85,33 @@ class Checkpoints:
         warning, set aside as `<step>.unreadable`, and the one before is tried.
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
+            error, restored = None, None
             try:
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
                 restored = self.manager.restore(step, args=args)
-                meta = _checked(restored.state, restored.meta, abstract_state)
-                return step, restored.state, meta
             except Exception as e:  # orbax and tensorstore raise many types for damaged files
-                path = self.directory / str(step)
-                aside = self._set_aside(path)
-                log.warning("checkpoint %s is unreadable (%s); moved to %s, trying the one before", path, first_line(e), aside.name)
+                error = e
+                _meet_restore_barrier()
+            if _everywhere(error is None):  # each process read its own shards; the check below is collective
+                try:
+                    meta = _checked(restored.state, restored.meta, abstract_state)
+                except Exception as e:
+                    error = e
+                if _everywhere(error is None):
+                    return step, restored.state, meta
+            path = self.directory / str(step)
+            why = first_line(error) if error is not None else "another process could not read it"
+            aside = self._set_aside(path)
+            log.warning("checkpoint %s is unreadable (%s); moved to %s, trying the one before", path, why, aside.name)
         return None
 
     def _set_aside(self, path: Path) -> Path:
+        """Rename `path` to `<step>.unreadable` (on process 0 of several; the others wait) and reload the step list."""
         aside = path.with_name(path.name + UNREADABLE)
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(path, aside)
+        if jax.process_index() == 0:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+        ocp.multihost.sync_global_processes(f"{BARRIERS}_set_aside_{path.name}")
         self.manager.reload()
         return aside
 
@@ -115,9 +136,28 @@ class Checkpoints:
         self.manager.close()
 
 
+def _everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every process (a collective with several)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _meet_restore_barrier() -> None:
+    """After a failed `manager.restore`, wait at the barrier that ends orbax's restore.
+
+    A read can fail on one process only (a damaged shard only it reads) while
+    the others finished theirs and wait at that barrier (f"{BARRIERS}_Checkpointer:restore"
+    in orbax 0.12); a failure on every process meets there too, so each
+    process passes it once per attempt whatever happened.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"{BARRIERS}_Checkpointer:restore")
+
+
 def fingerprint(state: Any, meta: dict) -> str:
     """Hex digest of every bit of `state` (reduced on its device) and of `meta` as canonical JSON."""
-    sums = np.asarray(jax.device_get(_state_sums(jax.tree.leaves(state))), np.uint32)
+    sums = np.asarray(to_host(_state_sums(jax.tree.leaves(state))), np.uint32)
     text = json.dumps({k: v for k, v in meta.items() if k != FINGERPRINT}, sort_keys=True)
     return hashlib.sha256(sums.tobytes() + text.encode()).hexdigest()
 

@@ -203,6 +203,7 @@ class RunConfig:
 class MeshConfig:
     data: int = opt(1, "Devices along the batch axis: each holds B/data tokens of every step (a divisor of B).")
     model: int = opt(1, "Devices along the latent axis: each holds N/model latents, their W_enc columns, W_dec rows, b_enc and Adam moments (a divisor of N).")
+    distributed: bool = opt(False, "Several processes, one per host, each running the same command: call jax.distributed.initialize() first, with the coordinator's host:port from JAX_COORDINATOR_ADDRESS, the process count from JAX_NUM_PROCESSES and this process's index (0 serves the coordinator) from JAX_PROCESS_ID; all three may be left unset under SLURM, Open MPI, Cloud TPU or Kubernetes. data * model must equal all processes' devices; process 0 alone writes the run's files (sae_jax.sharding).")
 
     def check(self, path: str) -> None:
         _positive(self, path, "data", "model")

@@ -42,6 +42,7 @@ from sae_jax.data.text import TokenBatch
 from sae_jax.llama.hooks import head, residuals, run_layers, site_index
 from sae_jax.llama.model import Llama, positions_and_mask
 from sae_jax.sae import SAE, forward
+from sae_jax.sharding import to_host
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens is dense
 
@@ -354,7 +355,7 @@ def quick_eval(sae: SAE, x, dense_threshold: float = DENSE_THRESHOLD) -> dict[st
     x = jnp.asarray(x)
     if x.ndim != 2 or x.shape[1] != sae.spec.d_in:
         raise ValueError(f"x: expected shape [B, {sae.spec.d_in}], found {list(x.shape)}")
-    r = jax.device_get(_quick(sae, x))
+    r = to_host(_quick(sae, x))  # gathered: under a mesh of several processes, x and the params span them
     n, density = float(r["tokens"]), r["fired"] / float(r["tokens"])
     return {
         "l0": float(r["l0"]) / n,

@@ -3,11 +3,14 @@
 Rerunning the same config continues from the newest complete checkpoint in
 `run.out_dir` and ends with the same params as a run never stopped. The rerun
 may change run.*, the mesh and the kernel (SPEED_ONLY): those change how the
-params are computed, not what they are.
+params are computed, not what they are. With several processes
+(`mesh.distributed`), every one computes and checkpoints; process 0 alone
+writes config.yaml, metrics.jsonl, sae/ and eval.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,6 +44,7 @@ class RunResult:
     scale: float  # the input scale the params were trained at
     run_dir: Path
     sae: SAE | None  # the exported SAE (raw-activation units), None if stopped early
+    start: int  # the step this call began at: 0, or the checkpoint it resumed from
 
 
 def estimate_scale(source: Source, n_batches: int, d_in: int) -> float:
@@ -53,13 +57,18 @@ def estimate_scale(source: Source, n_batches: int, d_in: int) -> float:
 
 
 def exported_sae(state: TrainState, cfg: Config, scale: float, source: str) -> SAE:
-    """The trained SAE with the input scale folded in, so it takes raw activations."""
+    """The trained SAE with the input scale folded in, so it takes raw activations; the params gathered from every process."""
     spec = dataclasses.replace(spec_from_config(cfg), input_scale=scale, source=source)
-    return fold_input_scale(SAE(jax.device_get(state.params), spec))
+    return fold_input_scale(SAE(sharding.to_host(state.params), spec))
+
+
+def writes_files() -> bool:
+    """Whether this process writes the run's files: process 0 of several (all of them compute)."""
+    return jax.process_index() == 0
 
 
 def open_run_dir(cfg: Config) -> Path:
-    """Create `run.out_dir`, refuse one holding another run, clear a killed run's temporaries, write config.yaml."""
+    """Create `run.out_dir`, refuse one holding another run; on process 0, clear a killed run's temporaries and write config.yaml."""
     run_dir = Path(cfg.run.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.out_dir: expected a directory, found a file at {run_dir}")
@@ -68,6 +77,8 @@ def open_run_dir(cfg: Config) -> Path:
     except OSError as e:
         raise ConfigError(f"run.out_dir: cannot create {run_dir} ({e.strerror or e})") from None
     _check_same_run(run_dir, cfg)
+    if not writes_files():
+        return run_dir
     for name in ("config.yaml", "metrics.jsonl", "sae", "eval.json"):
         remove_leftovers(run_dir / name)
     try:
@@ -128,7 +139,12 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 
 
 def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> RunResult:
-    """Train (or resume) the run `cfg` describes. `stop_after`: return after that step without a final save, as if killed."""
+    """Train (or resume) the run `cfg` describes. `stop_after`: return after that step without a final save, as if killed.
+
+    With `mesh.distributed`, every process calls this with the same `cfg` (sharding.start_distributed runs first).
+    """
+    if cfg.mesh.distributed:
+        sharding.start_distributed()
     run_dir = open_run_dir(cfg)
     source = make_source(cfg)
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.run.keep)
@@ -142,7 +158,8 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
         else:
             start, state = 0, init_state(cfg)
             scale = estimate_scale(source, cfg.train.scale_batches, cfg.sae.d_in)
-        _keep_metrics_until(metrics_path, start)
+        if writes_files():
+            _keep_metrics_until(metrics_path, start)
         state = _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, progress)
     finally:
         try:
@@ -155,10 +172,11 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
         from sae_jax.formats import save_sae
 
         sae = exported_sae(state, cfg, scale, str(run_dir))
-        save_sae(sae, run_dir / "sae", format="jax", overwrite=True)
-        if cfg.run.eval_batches:
-            final_eval(sae, source, cfg.run.eval_batches, run_dir / "eval.json")
-    return RunResult(state, scale, run_dir, sae)
+        if writes_files():
+            save_sae(sae, run_dir / "sae", format="jax", overwrite=True)
+            if cfg.run.eval_batches:
+                final_eval(sae, source, cfg.run.eval_batches, run_dir / "eval.json")
+    return RunResult(state, scale, run_dir, sae, start)
 
 
 def final_eval(sae: SAE, source: Source, n_batches: int, path: Path) -> dict:
@@ -183,9 +201,9 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
     step_fn, put = make_step(cfg), batch_placer(cfg)
     scale_dev = jnp.float32(scale)
     end = t.steps if stop_after is None else min(t.steps, stop_after)
-    bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=start, disable=not progress or not writes_files(), unit="step", dynamic_ncols=True)
     last_time, last_step, skipped = time.perf_counter(), start, 0
-    with open(metrics_path, "a") as mfile:
+    with open(metrics_path, "a") if writes_files() else contextlib.nullcontext() as mfile:
         pos = source.state()
         x = put(source.next_batch()) if start < end else None
         for step in range(start, end):
@@ -199,7 +217,7 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
             if log_now or save_now:
                 skipped = _check_finite(state, done, t.on_nonfinite, ckpts)
             if log_now:
-                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                m = {k: float(v) for k, v in sharding.to_host(m).items()}
                 now = time.perf_counter()
                 m.update(step=done, tokens=done * B, tokens_per_s=(done - last_step) * B / max(now - last_time, 1e-9), skipped=skipped)
                 if cfg.run.eval_every and done % cfg.run.eval_every == 0 and x is not None:
@@ -207,8 +225,9 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
                     held_out = quick_eval(SAE(state.params, spec_from_config(cfg)), x * scale_dev)
                     m.update({f"eval_{k}": v for k, v in held_out.items()})
                 last_time, last_step = now, done
-                mfile.write(json.dumps(m) + "\n")
-                mfile.flush()
+                if mfile:
+                    mfile.write(json.dumps(m) + "\n")
+                    mfile.flush()
                 bar.set_postfix(
                     tok_s=f"{m['tokens_per_s']:.3g}", loss=f"{m['loss']:.4g}", L0=f"{m['l0']:.1f}", EV=f"{m['explained_variance']:.3f}"
                 )
@@ -227,7 +246,7 @@ def _check_finite(state: TrainState, done: int, mode: str, ckpts: Checkpoints) -
     still step to them (a learning rate that overflows float32), and no skipped
     batch can bring them back.
     """
-    skipped, (bad_step, what), params_ok = jax.device_get((state.skipped, state.first_bad, _all_finite(state.params)))
+    skipped, (bad_step, what), params_ok = sharding.to_host((state.skipped, state.first_bad, _all_finite(state.params)))
     last = ckpts.latest_step()
     kept = f"the last good checkpoint, step {last}, is kept" if last is not None else "no checkpoint was saved before it"
     if mode == "stop" and bad_step >= 0:

@@ -33,7 +33,9 @@ def write_jax(sae: SAE, folder: Path) -> None:
     spec = {"format_version": FORMAT_VERSION, **dataclasses.asdict(sae.spec)}
     (folder / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
     params = {name: getattr(sae.params, name) for name in PARAM_NAMES}
-    with ocp.StandardCheckpointer() as ckptr:  # leaving the block waits for the async write
+    # This process alone writes (process 0 of a multi-process run): orbax must not wait for the others.
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:  # leaving the block waits for the async write
         ckptr.save((folder / PARAMS).absolute(), params)
 
 
