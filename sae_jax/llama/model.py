@@ -63,14 +63,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    """Grouped-query attention; computes in its input's dtype (`_dot`)."""
+
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
         D, N, KV, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q = _normal(rngs, (N * H, D), param_dtype)  # query head n uses KV head n // G
         self.k = _normal(rngs, (KV * H, D), param_dtype)
         self.v = _normal(rngs, (KV * H, D), param_dtype)
         self.o = _normal(rngs, (D, N * H), param_dtype)
         self.cfg = cfg
-        self.dtype = dtype
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         """x: [B, T, D], positions: [B, T] (rope angles), mask: [B|1, T, T] bool (True: may attend) -> [B, T, D].
@@ -98,12 +99,13 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    """SwiGLU; computes in its input's dtype (`_dot`)."""
+
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
         self.gate = _normal(rngs, (F, D), param_dtype)
         self.up = _normal(rngs, (F, D), param_dtype)
         self.down = _normal(rngs, (D, F), param_dtype)
-        self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """SwiGLU. x: [B, T, D] -> [B, T, D]."""
@@ -118,9 +120,9 @@ class Block(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.attn = Attention(cfg, **kw, rngs=rngs)
+        self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = MLP(cfg, **kw, rngs=rngs)
+        self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         """x: [B, T, D] residual entering the layer -> [B, T, D] residual leaving it."""
