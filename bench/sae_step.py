@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     pairs = [(shape, arch) for shape in a.shapes.split(",") for arch in a.archs.split(",")]
     if len(pairs) > 1:
-        return _each_in_its_own_process(pairs, argv if argv is not None else sys.argv[1:])
+        return _each_in_its_own_process(pairs, a)
     allocator = set_malloc(a.system_malloc)
     print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {allocator}", flush=True)
     rows = run_shape(*pairs[0], a.rounds, a.variants.split(","), tuple(a.set), a.peak_tflops)
@@ -164,15 +164,17 @@ def main(argv=None) -> None:
                     rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "times"} for r in rows]))
 
 
-def _each_in_its_own_process(pairs: list[tuple[str, str]], argv: list[str]) -> None:
+def _each_in_its_own_process(pairs: list[tuple[str, str]], a: argparse.Namespace) -> None:
     """Run each (shape, arch) in a fresh process, so no group's memory is held through the next; then one JSON line for all."""
     import json
     import subprocess
 
-    keep = [x for i, x in enumerate(argv) if not x.startswith(("--shapes", "--archs")) and not (i and argv[i - 1] in ("--shapes", "--archs"))]
+    # The child's arguments from the parsed ones: one pair each, everything else as given.
+    same = ["--variants", a.variants, "--rounds", str(a.rounds), *[x for v in a.set for x in ("--set", v)]]
+    same += (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else []) + (["--system-malloc"] if a.system_malloc else [])
     merged: dict = {}
     for shape, arch in pairs:
-        out = subprocess.run([sys.executable, __file__, "--shapes", shape, "--archs", arch, *keep], stdout=subprocess.PIPE, text=True)
+        out = subprocess.run([sys.executable, __file__, "--shapes", shape, "--archs", arch, *same], stdout=subprocess.PIPE, text=True)
         lines = out.stdout.splitlines()
         print("\n".join(l for l in lines if not l.startswith("{")), flush=True)
         if out.returncode or not lines or not lines[-1].startswith("{"):
