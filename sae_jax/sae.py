@@ -17,9 +17,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Architecture = Literal["relu", "topk"]
+# How an SAE encodes at inference. Training recipes (config `sae.architecture`) map onto these:
+# batchtopk and matryoshka are exported as jumprelu with their learned threshold.
+Architecture = Literal["relu", "topk", "jumprelu"]
 Site = Literal["input", "output"]
-ARCHITECTURES = ("relu", "topk")
+ARCHITECTURES = ("relu", "topk", "jumprelu")
 SITES = ("input", "output")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,6 +39,7 @@ class SAESpec:
     dtype: str = "float32"  # storage dtype of the params
     input_scale: float = 1.0  # raw activations are multiplied by this before encoding
     source: str = ""  # where the weights came from (a path, a run directory)
+    apply_b_dec_to_input: bool = False  # pre-encoder bias: encode x - b_dec (SAELens's flag; false for the release)
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -56,7 +59,8 @@ class SAESpec:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The one description of every param's shape."""
         D, N = self.d_in, self.n_latents
-        return {"W_enc": (D, N), "b_enc": (N,), "W_dec": (N, D), "b_dec": (D,)}
+        shapes = {"W_enc": (D, N), "b_enc": (N,), "W_dec": (N, D), "b_dec": (D,)}
+        return {**shapes, "threshold": (N,)} if self.architecture == "jumprelu" else shapes
 
 
 @jax.tree_util.register_dataclass
@@ -66,6 +70,7 @@ class SAEParams:
     b_enc: jax.Array  # [N]
     W_dec: jax.Array  # [N, D]
     b_dec: jax.Array  # [D]
+    threshold: jax.Array | None = None  # [N] jumprelu only: a latent fires where pre > threshold
 
 
 @jax.tree_util.register_dataclass
@@ -95,7 +100,11 @@ jax.tree_util.register_pytree_node(Forward, lambda t: (tuple(t), None), lambda _
 
 def check_params(params: SAEParams, spec: SAESpec, where: str = "params") -> None:
     """Raise a one-line ValueError if any param's shape contradicts the spec."""
+    if params.threshold is not None and spec.architecture != "jumprelu":
+        raise ValueError(f"{where}: threshold expected only for jumprelu, found one for {spec.architecture}")
     for name, shape in spec.shapes().items():
+        if getattr(params, name) is None:
+            raise ValueError(f"{where}: {name} expected shape {list(shape)}, found none")
         found = tuple(getattr(params, name).shape)
         if found != shape:
             raise ValueError(f"{where}: {name} expected shape {list(shape)}, found {list(found)}")
@@ -117,13 +126,17 @@ def init_params(key: jax.Array, spec: SAESpec, dec_norm: float = 0.1) -> SAEPara
 def pre_activations(params: SAEParams, spec: SAESpec, x: jax.Array) -> jax.Array:
     """x: [..., D] raw activations -> [..., N] encoder pre-activations, float32."""
     x = x.astype(jnp.float32) * spec.input_scale
+    if spec.apply_b_dec_to_input:
+        x = x - params.b_dec.astype(jnp.float32)
     return x @ params.W_enc.astype(jnp.float32) + params.b_enc.astype(jnp.float32)
 
 
-def activate(spec: SAESpec, pre: jax.Array) -> jax.Array:
-    """pre: [..., N] -> f: [..., N]. relu, or relu of the k largest (ties broken by index)."""
+def activate(spec: SAESpec, pre: jax.Array, threshold: jax.Array | None = None) -> jax.Array:
+    """pre: [..., N] -> f: [..., N]. relu; relu of the k largest (ties broken by index); jumprelu: pre where pre > threshold [N]."""
     if spec.architecture == "relu":
         return jax.nn.relu(pre)
+    if spec.architecture == "jumprelu":
+        return jnp.where(pre > threshold.astype(jnp.float32), pre, 0.0)
     vals, idx = jax.lax.top_k(pre, spec.k)
     return jnp.put_along_axis(jnp.zeros_like(pre), idx, jax.nn.relu(vals), axis=-1, inplace=False)
 
@@ -136,13 +149,13 @@ def decode_params(params: SAEParams, spec: SAESpec, f: jax.Array) -> jax.Array:
 
 def forward_params(params: SAEParams, spec: SAESpec, x: jax.Array) -> Forward:
     pre = pre_activations(params, spec, x)
-    f = activate(spec, pre)
+    f = activate(spec, pre, params.threshold)
     return Forward(decode_params(params, spec, f), f, pre)
 
 
 def encode(sae: SAE, x: jax.Array) -> jax.Array:
     """x: [..., D] -> f: [..., N] (float32)."""
-    return activate(sae.spec, pre_activations(sae.params, sae.spec, x))
+    return activate(sae.spec, pre_activations(sae.params, sae.spec, x), sae.params.threshold)
 
 
 def decode(sae: SAE, f: jax.Array) -> jax.Array:
@@ -165,6 +178,8 @@ def fold_input_scale(sae: SAE) -> SAE:
         b_enc=p.b_enc.astype(dt),
         W_dec=(p.W_dec.astype(jnp.float32) / c).astype(dt),
         b_dec=(p.b_dec.astype(jnp.float32) / c).astype(dt),
+        # Pre-activations are unchanged by the fold (the scale moves into W_enc), so the threshold is too.
+        threshold=None if p.threshold is None else p.threshold.astype(dt),
     )
     return SAE(folded, dataclasses.replace(sae.spec, input_scale=1.0))
 

@@ -87,3 +87,24 @@ def test_bad_spec_is_one_line(kwargs, message):
     with pytest.raises(ValueError, match=message) as e:
         SAESpec(**kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_jumprelu_and_pre_encoder_bias_match_numpy_and_survive_the_scale_fold():
+    sae = random_sae(D=16, N=64, scale=2.5)
+    rng = np.random.default_rng(5)
+    theta = np.abs(rng.standard_normal(64)).astype(np.float32) * 0.5
+    spec = dataclasses.replace(sae.spec, architecture="jumprelu", apply_b_dec_to_input=True)
+    sae = SAE(dataclasses.replace(sae.params, threshold=theta), spec)
+    x = rng.standard_normal((9, 16)).astype(np.float32)
+    p = sae.params
+    pre = (x * 2.5 - p.b_dec) @ p.W_enc + p.b_enc
+    f_ref = np.where(pre > theta, pre, 0.0)
+    assert (f_ref > 0).any() and ((pre > 0) & (pre <= theta)).any()  # the threshold, not relu, decides
+    out = forward(sae, x)
+    np.testing.assert_allclose(out.f, f_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.x_hat, (f_ref @ p.W_dec + p.b_dec) / 2.5, rtol=1e-5, atol=1e-5)
+    folded = fold_input_scale(sae)
+    np.testing.assert_allclose(forward(folded, x).x_hat, out.x_hat, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="threshold expected shape"):
+        from sae_jax.sae import check_params
+        check_params(dataclasses.replace(p, threshold=None), spec)
