@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sae_helpers import cli_workspace, entry_point, run_entry
+from sae_helpers import cli_workspace, entry_point, run_entry, without_progress
 from sae_jax.tokenizer import llama3_tokenizer
 
 
@@ -46,4 +46,4 @@ def test_bad_arguments(ws, steer_py, capsys, extra, message):
         assert e.value.code == 2 and "invalid choice: 'scale'" in capsys.readouterr().err
         return
     rc, out, err = run_entry(steer_py, args, capsys)
-    assert (rc, out, err) == (1, "", message + "\n")
+    assert (rc, out, without_progress(err)) == (1, "", message + "\n")
