@@ -15,16 +15,6 @@ from sae_jax.tokenizer import llama3_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return llama3_tokenizer(tmp_path_factory.getbasetemp() / "sae_jax_cache")  # shared by this session's modules
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, tok):
-    return cli_workspace(tmp_path_factory.mktemp("evalcli"), tok)
-
-
-@pytest.fixture(scope="module")
 def evaluate_py():
     return entry_point("evaluate")
 

@@ -11,12 +11,6 @@ from sae_jax.tokenizer import llama3_tokenizer
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    tok = llama3_tokenizer(tmp_path_factory.getbasetemp() / "sae_jax_cache")  # shared by this session's modules
-    return cli_workspace(tmp_path_factory.mktemp("inspectcli"), tok)
-
-
-@pytest.fixture(scope="module")
 def inspect_py():
     return entry_point("inspect")
 

@@ -9,12 +9,6 @@ from sae_jax.tokenizer import llama3_tokenizer
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    tok = llama3_tokenizer(tmp_path_factory.getbasetemp() / "sae_jax_cache")  # shared by this session's modules
-    return cli_workspace(tmp_path_factory.mktemp("steercli"), tok)
-
-
-@pytest.fixture(scope="module")
 def steer_py():
     return entry_point("steer")
 
