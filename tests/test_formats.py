@@ -118,7 +118,7 @@ def test_saelens_topk_at_resid_post_round_trips(tmp_path):
     out = save_sae(sae, tmp_path / "out", "saelens")
     cfg = json.loads((out / "cfg.json").read_text())
     # No sae_lens_version: read as SAELens reads a pre-6.0 file (prepend_bos true); written as 6.0.
-    meta = {"hook_name": "blocks.12.hook_resid_post", "prepend_bos": True, "sae_lens_version": "6.0.0"}
+    meta = {"hook_name": "blocks.12.hook_resid_post", "prepend_bos": True, "neuronpedia_id": None, "sae_lens_version": "6.0.0"}
     assert (cfg["architecture"], cfg["k"], cfg["hook_name"], cfg["metadata"]) == ("topk", 5, "blocks.12.hook_resid_post", meta)
     assert_bits_equal(load_file(out / "sae_weights.safetensors"), ref)
 

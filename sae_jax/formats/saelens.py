@@ -156,13 +156,13 @@ def _is_pre6(cfg: dict) -> bool:
 
 def _metadata(cfg: dict) -> dict:
     """v6 keeps model_name, hook_name... in `metadata` (`meta` in some 6.x); pre-6.0 configs at the top level,
-    with SAELens's default `prepend_bos` true. A hand-written config may have both; `metadata` wins."""
+    with SAELens's defaults (`prepend_bos` true, `neuronpedia_id` null). A hand-written config may have both; `metadata` wins."""
     found = cfg.get("metadata", cfg.get("meta"))
     found = dict(found) if isinstance(found, dict) else {}
     if not _is_pre6(cfg):
         return found
     top = {_PRE6_RENAMES.get(k, k): v for k, v in cfg.items()}
-    return {"prepend_bos": True, **{k: top[k] for k in _PRE6_METADATA if k in top}, **found}
+    return {"prepend_bos": True, "neuronpedia_id": None, **{k: top[k] for k in _PRE6_METADATA if k in top}, **found}
 
 
 def _architecture(path: Path, cfg: dict) -> tuple[str, int | None]:

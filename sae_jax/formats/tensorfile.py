@@ -19,7 +19,7 @@ from sae_jax.sae import DTYPES
 
 PT_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}  # float64: SAELens, sparsify
 _ACCEPTED = f"dtype one of {', '.join(DTYPES)}"
 
 
