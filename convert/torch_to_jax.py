@@ -1,4 +1,4 @@
-"""Convert a release .pt/.safetensors file, or a SAELens folder, to the sae-jax format."""
+"""Convert a release .pt/.safetensors file, a SAELens folder or a sparsify hookpoint folder to the sae-jax format."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from sae_jax.sae import SITES
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("src", help="release .pt/.pth/.safetensors file, or a SAELens folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("src", help="release .pt/.pth/.safetensors file, a SAELens folder (cfg.json + sae_weights.safetensors) or a sparsify hookpoint folder (cfg.json + sae.safetensors)")
     p.add_argument("dst", help="directory to write (spec.json + params/)")
-    p.add_argument("--hook-layer", type=int, help="decoder layer whose residual the SAE reads (default: SAELens's hook_name, else 9)")
+    p.add_argument("--hook-layer", type=int, help="decoder layer whose residual the SAE reads (default: SAELens's hook_name, sparsify's folder name, else 9)")
     p.add_argument("--hook-site", choices=SITES, help="input: entering the layer (the notebook's hook); output: leaving it (default: SAELens's hook_name, else input)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = p.parse_args(argv)
