@@ -264,3 +264,52 @@ def test_saelens_metadata_goes_into_cfg(tmp_path):
     out = save_sae(small_sae(), tmp_path / "sl", "saelens", metadata=meta)
     expected = {**meta, "hook_name": "blocks.9.hook_resid_pre", "sae_lens_version": "6.0.0"}
     assert json.loads((out / "cfg.json").read_text())["metadata"] == expected
+
+
+def jumprelu_sae(dtype="float32") -> SAE:
+    s = SAESpec("jumprelu", D, N, dtype="float32", apply_b_dec_to_input=True, input_scale=2.5, hook_layer=4,
+                metadata=json.dumps({"model_name": "m", "context_size": 1024, "prepend_bos": False}))
+    p = init_params(jax.random.key(3), s)
+    p = dataclasses.replace(p, b_dec=jnp.linspace(-1000, 1000, D), threshold=jnp.linspace(0, 1, N))
+    return cast(SAE(p, s), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jax_format_keeps_jumprelu_threshold_pre_bias_and_metadata(tmp_path, dtype):
+    sae = jumprelu_sae(dtype)
+    loaded = load_sae(save_sae(sae, tmp_path / "sae", metadata={"dataset_path": "lmsys/lmsys-chat-1m"}))
+    expected_meta = {"model_name": "m", "context_size": 1024, "prepend_bos": False, "dataset_path": "lmsys/lmsys-chat-1m"}
+    assert loaded.spec == dataclasses.replace(sae.spec, metadata=json.dumps(expected_meta, sort_keys=True),
+                                              source=str(tmp_path / "sae"))
+    assert json.loads((tmp_path / "sae" / "spec.json").read_text())["metadata"] == expected_meta
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        ours, ref = np.asarray(getattr(loaded.params, name)), np.asarray(getattr(sae.params, name))
+        assert ours.dtype == ref.dtype and ours.tobytes() == ref.tobytes(), name
+
+
+def test_dtypes_are_accepted_as_strings_numpy_and_jax(tmp_path):
+    src = save_sae(small_sae(), tmp_path / "a.safetensors", "safetensors")
+    for i, dtype in enumerate(["bfloat16", jnp.bfloat16, np.dtype(jnp.bfloat16), jnp.dtype("bfloat16")]):
+        assert load_sae(src, dtype=dtype).spec.dtype == "bfloat16"
+        assert cast(small_sae(), dtype).spec.dtype == "bfloat16"
+        out = save_sae(small_sae(), tmp_path / f"{i}.safetensors", "safetensors", dtype=dtype)
+        assert load_sae(out).spec.dtype == "bfloat16"
+    for dtype in ["float32", np.float32, jnp.float32, np.dtype("float32")]:
+        assert load_sae(src, dtype=dtype).spec.dtype == "float32"
+    with pytest.raises(SAEFormatError, match=r"dtype: expected one of float32, bfloat16, float16 .*found int8"):
+        load_sae(src, dtype=np.int8)
+
+
+def test_formats_that_cannot_hold_an_architecture_refuse_it(tmp_path):
+    for fmt, name in [("pt", "a.pt"), ("safetensors", "a.safetensors")]:
+        with pytest.raises(SAEFormatError, match=f"architecture: expected relu for format {fmt}.*found jumprelu"):
+            save_sae(jumprelu_sae(), tmp_path / name, fmt)
+    for arch in ("relu", "jumprelu"):
+        sae = jumprelu_sae() if arch == "jumprelu" else small_sae()
+        with pytest.raises(SAEFormatError, match=f"architecture: expected topk for format sparsify.*found {arch}"):
+            save_sae(sae, tmp_path / "sp", "sparsify")
+    negative = jumprelu_sae()
+    negative = SAE(dataclasses.replace(negative.params, threshold=negative.params.threshold - 0.5), negative.spec)
+    with pytest.raises(SAEFormatError, match=r"threshold: expected >= 0 \(SAELens applies relu before the jump\)"):
+        save_sae(negative, tmp_path / "sl", "saelens")
+    assert list(tmp_path.iterdir()) == []
