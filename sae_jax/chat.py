@@ -98,7 +98,7 @@ class ChatFormatter:
             out.append(ChatTokens(list(ids), roles, [i in self.specials for i in ids]))
         return out
 
-    def _render(self, conv: list[tuple[str, str]], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int, int]]]:
+    def _render(self, conv: list[tuple[str, str]], add_generation_prompt: bool) -> tuple[str, list[tuple[int, ...]]]:
         """(the template's text, [(start, end, role id)] of each message's content in it).
 
         Rendered once as is and once with a marker in place of each content: the marked text splits into the

@@ -278,7 +278,8 @@ def jumprelu_sae(dtype="float32") -> SAE:
 def test_jax_format_keeps_jumprelu_threshold_pre_bias_and_metadata(tmp_path, dtype):
     sae = jumprelu_sae(dtype)
     loaded = load_sae(save_sae(sae, tmp_path / "sae", metadata={"dataset_path": "lmsys/lmsys-chat-1m"}))
-    expected_meta = {"model_name": "m", "context_size": 1024, "prepend_bos": False, "dataset_path": "lmsys/lmsys-chat-1m"}
+    expected_meta = {"model_name": "m", "context_size": 1024, "prepend_bos": False,
+                     "dataset_path": "lmsys/lmsys-chat-1m"}
     assert loaded.spec == dataclasses.replace(sae.spec, metadata=json.dumps(expected_meta, sort_keys=True),
                                               source=str(tmp_path / "sae"))
     assert json.loads((tmp_path / "sae" / "spec.json").read_text())["metadata"] == expected_meta

@@ -96,7 +96,8 @@ def test_sparsify_bfloat16_folder_keeps_its_dtype_and_bits(tmp_path):
     sc.save_to_disk(tmp_path / "layers.3")
     ours = load_sae(tmp_path / "layers.3")
     assert ours.spec.dtype == "bfloat16"
-    assert np.array_equal(np.asarray(ours.params.W_enc).view(np.int16), sc.encoder.weight.detach().T.contiguous().view(torch.int16).numpy())
+    W_enc = sc.encoder.weight.detach().T.contiguous().view(torch.int16).numpy()
+    assert np.array_equal(np.asarray(ours.params.W_enc).view(np.int16), W_enc)
     save_sae(ours, tmp_path / "out" / "layers.3", "sparsify")
     back = SparseCoder.load_from_disk(tmp_path / "out" / "layers.3")
     for (name, a), b in zip(sc.state_dict().items(), back.state_dict().values()):
@@ -127,21 +128,25 @@ def test_run_folder_metadata_and_detection(tmp_path):
     coder().save_to_disk(tmp_path / "run" / "layers.9")
     (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "m", "dataset": "d", "ctx_len": 2048}))
     assert detect_format(tmp_path / "run" / "layers.8") == "sparsify"
-    assert metadata_of(load_sae(tmp_path / "run" / "layers.9").spec) == {"model_name": "m", "dataset_path": "d", "context_size": 2048}
+    meta = metadata_of(load_sae(tmp_path / "run" / "layers.9").spec)
+    assert meta == {"model_name": "m", "dataset_path": "d", "context_size": 2048}
     with pytest.raises(SAEFormatError) as e:
         load_sae(tmp_path / "run")
     assert str(e.value) == (f"{tmp_path / 'run'}: contents: expected one SAE; this is a sparsify run folder: "
                             "pass one of its hookpoint folders, found layers.8, layers.9")
 
 
-@pytest.mark.parametrize("cfg,key", [(dict(transcode=True), "transcode"), (dict(skip_connection=True), "skip_connection"),
-                                     (dict(activation="groupmax"), "activation")])
+@pytest.mark.parametrize("cfg,key", [
+    (dict(transcode=True), "transcode"), (dict(skip_connection=True), "skip_connection"),
+    (dict(activation="groupmax"), "activation"),
+])
 def test_what_sae_jax_cannot_hold_is_refused_naming_sparsify(tmp_path, cfg, key):
     coder(**cfg).save_to_disk(tmp_path / "layers.8")
     with pytest.raises(SAEFormatError) as e:
         load_sae(tmp_path / "layers.8")
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'layers.8' / 'cfg.json'}: {key}: expected ") and "sparsify" in msg
+    assert "\n" not in msg and "sparsify" in msg
+    assert msg.startswith(f"{tmp_path / 'layers.8' / 'cfg.json'}: {key}: expected ")
 
 
 def test_other_hookpoints_need_a_site_and_relu_is_not_written(tmp_path):

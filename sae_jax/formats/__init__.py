@@ -5,7 +5,7 @@
 | `jax`         | dir with `spec.json` + `params/` (orbax)               | everything in SAESpec                   |
 | `pt`          | `*.pt` / `*.pth`, torch state dict                     | relu, raw activations (the release)     |
 | `safetensors` | `*.safetensors`, same four keys                        | relu, raw activations                   |
-| `saelens`     | dir with `cfg.json` + `sae_weights.safetensors`        | relu/topk/jumprelu, pre-encoder bias, hook, metadata |
+| `saelens`     | dir with `cfg.json` + `sae_weights.safetensors`        | relu/topk/jumprelu (gated read), hook, meta |
 | `sparsify`    | dir (one hookpoint) with `cfg.json` + `sae.safetensors`| topk with the pre-encoder bias, hook    |
 
 Values and dtypes (float32, bfloat16, float16) pass through bit for bit.
@@ -162,8 +162,9 @@ def _exported(sae: SAE, path: Path, format: str, dtype: str) -> SAE:
     if (scale or remove or add) and dtype != "float32" and not exact:
         key, found = ("input_scale", spec.input_scale) if scale else ("apply_b_dec_to_input", spec.apply_b_dec_to_input)
         what = "the scale" if scale else "b_dec @ W_enc into b_enc"
-        raise error(path, key, f"a fold {dtype} holds exactly for format {format} (folding {what} would round the "
-                    f"{dtype} weights and change the codes; write float32 with dtype=/--dtype, or the jax format)", found)
+        expected = (f"a fold {dtype} holds exactly for format {format} (folding {what} would round the {dtype} "
+                    "weights and change the codes; write float32 with dtype=/--dtype, or the jax format)")
+        raise error(path, key, expected, found)
     apply_b_dec = format == "sparsify" or (spec.apply_b_dec_to_input and not remove)
     spec = dataclasses.replace(spec, dtype=dtype, input_scale=1.0 if scale else spec.input_scale,
                                apply_b_dec_to_input=apply_b_dec)

@@ -59,7 +59,7 @@ def cause(e: BaseException) -> str:
 def check_tensors(
     where: str | Path, tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], float64: bool = False
 ) -> str:
-    """Check keys, shapes, one supported dtype (float64 too where `float64`) and finite values; return the dtype name."""
+    """Check keys, shapes, one supported dtype (float64 too where `float64`) and finite values; return its name."""
     accepted = DTYPES + ("float64",) if float64 else DTYPES
     expected_keys = sorted(shapes)
     for key in shapes:

@@ -5,9 +5,9 @@ Read, computing what SAELens 6 computes from the same folder:
 | cfg `architecture` | sae-jax | how |
 | --- | --- | --- |
 | `standard` | relu | as stored |
-| `topk` | topk | as stored; `rescale_acts_by_decoder_norm` folded (W_enc, b_enc times ‖W_dec row‖, W_dec rows unit) |
-| `jumprelu` (BatchTopK and Matryoshka are saved as this) | jumprelu | threshold as stored (a negative one acts as 0: SAELens applies relu first) |
-| `gated` | jumprelu | W_enc·exp(r_mag), b_mag, threshold max(b_mag - exp(r_mag)·b_gate, 0): the gate is that jump |
+| `topk` | topk | as stored; `rescale_acts_by_decoder_norm` folded (W_enc, b_enc ×‖W_dec row‖, rows unit) |
+| `jumprelu` (BatchTopK, Matryoshka save as it) | jumprelu | threshold as stored (negative acts as 0: relu first) |
+| `gated` | jumprelu | W_enc·exp(r_mag), b_mag, threshold max(b_mag - exp(r_mag)·b_gate, 0): the gate |
 
 `apply_b_dec_to_input` is held in the spec (`x - b_dec` is computed as SAELens
 does, never folded into b_enc: residual streams have dimensions of ±1000).
@@ -156,7 +156,8 @@ def _is_pre6(cfg: dict) -> bool:
 
 def _metadata(cfg: dict) -> dict:
     """v6 keeps model_name, hook_name... in `metadata` (`meta` in some 6.x); pre-6.0 configs at the top level,
-    with SAELens's defaults (`prepend_bos` true, `neuronpedia_id` null). A hand-written config may have both; `metadata` wins."""
+    with SAELens's defaults (`prepend_bos` true, `neuronpedia_id` null). A hand-written config may have both;
+    `metadata` wins."""
     found = cfg.get("metadata", cfg.get("meta"))
     found = dict(found) if isinstance(found, dict) else {}
     if not _is_pre6(cfg):
@@ -191,8 +192,9 @@ def _check_math(path: Path, cfg: dict, meta: dict, arch: str) -> None:
         raise error(path, "reshape_activations", '"none" (sae-jax reads the residual stream, not hook_z)',
                     json.dumps(cfg["reshape_activations"]))
     for key in ("hook_head_index", "hook_point_head_index"):
-        if cfg.get(key, meta.get(key)) is not None:
-            raise error(path, key, "null (sae-jax reads the whole residual stream)", json.dumps(cfg.get(key, meta.get(key))))
+        value = cfg.get(key, meta.get(key))
+        if value is not None:
+            raise error(path, key, "null (sae-jax reads the whole residual stream)", json.dumps(value))
     rescale = cfg.get("rescale_acts_by_decoder_norm", False)
     if rescale not in (False, None) and not (arch == "topk" and rescale is True):
         expected = "true or false" if arch == "topk" else f"false for architecture {arch} (SAELens applies it to topk)"
@@ -221,8 +223,9 @@ def _drop_unit_scaling_factor(path: Path, arrays: dict, N: int) -> None:
     if "scaling_factor" not in arrays:
         return
     s = arrays.pop("scaling_factor")
-    if s.shape != (N,) or not np.all(np.asarray(s, np.float64) == 1.0):
-        found = f"shape {list(s.shape)}" if s.shape != (N,) else f"{int((np.asarray(s, np.float64) != 1).sum())} entries other than 1"
+    other = int((np.asarray(s, np.float64) != 1).sum())
+    if s.shape != (N,) or other:
+        found = f"shape {list(s.shape)}" if s.shape != (N,) else f"{other} entries other than 1"
         raise error(path, "scaling_factor", f"all ones, shape [{N}] (SAELens 6 reads no other)", found)
 
 
@@ -230,7 +233,8 @@ def _fold_decoder_norm(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """SAELens's rescaled top-k, `topk(pre * n)` decoded by `(f / n) @ W_dec` with n = ‖W_dec row‖: the same
     function with W_enc, b_enc times n and W_dec rows divided by n (a zero row stays zero, as its f * 0 does)."""
     n = np.sqrt(np.sum(a["W_dec"] ** 2, axis=1))
-    return {**a, "W_enc": a["W_enc"] * n, "b_enc": a["b_enc"] * n, "W_dec": a["W_dec"] / np.where(n == 0, 1, n)[:, None]}
+    W_dec = a["W_dec"] / np.where(n == 0, 1, n)[:, None]
+    return {**a, "W_enc": a["W_enc"] * n, "b_enc": a["b_enc"] * n, "W_dec": W_dec}
 
 
 def _gated_as_jumprelu(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
