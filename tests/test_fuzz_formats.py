@@ -58,6 +58,7 @@ def templates(tmp_path_factory) -> dict[str, Path]:
         "pt": save_sae(sae, d / "release.pt", "pt"),
         "safetensors": save_sae(sae, d / "release.safetensors", "safetensors"),
         "saelens": save_sae(sae, d / "saelens", "saelens"),
+        "sparsify": save_sae(SAE(params, SAESpec("topk", D, N, k=2)), d / "layers.8", "sparsify"),
     }
 
 
@@ -128,9 +129,11 @@ def apply(how, f: Path) -> None:
 
 
 @fuzz(80)
-@given(fmt=st.sampled_from(["jax", "pt", "safetensors", "saelens"]), which=st.floats(0, 1, exclude_max=True), how=damage)
+@given(fmt=st.sampled_from(["jax", "pt", "safetensors", "saelens", "sparsify"]), which=st.floats(0, 1, exclude_max=True),
+       how=damage)
 @example(fmt="jax", which=0.0, how=("bytes", b"[" * 100_000))  # spec.json nested deeper than Python recurses
 @example(fmt="saelens", which=0.0, how=("bytes", b"[" * 100_000))  # cfg.json likewise
+@example(fmt="sparsify", which=0.0, how=("bytes", b"[" * 100_000))
 @example(fmt="jax", which=0.0, how=("bytes", b'{"format_version": 1, "architecture": "relu", "d_in": 4.0, "n_latents": 8}'))
 @example(fmt="jax", which=0.0, how=("bytes", b'{"format_version": 1, "architecture": "relu", "d_in": true, "n_latents": 8}'))
 @example(fmt="saelens", which=0.0, how=("bytes", b'{"d_in": 4, "d_sae": 8, "hook_name": "blocks.9.hook_resid_pre", "architecture": []}'))
