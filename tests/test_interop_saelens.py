@@ -80,8 +80,26 @@ def assert_close(ours, ref, what: str, rtol: float = 1e-5):
     assert err <= rtol, f"{what}: max error {err:.2e} of the largest value"
 
 
+def float64_codes(sae: SAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """f and x_hat of our SAE evaluated in float64 from its stored values, input_scale and pre-encoder bias included."""
+    p = {k: np.asarray(v, np.float64) for k, v in dataclasses.asdict(sae.params).items() if v is not None}
+    c, spec = sae.spec.input_scale, sae.spec
+    pre = (x.astype(np.float64) * c - p["b_dec"] * spec.apply_b_dec_to_input) @ p["W_enc"] + p["b_enc"]
+    if spec.architecture == "relu":
+        f = np.maximum(pre, 0)
+    elif spec.architecture == "jumprelu":
+        f = np.where(pre > p["threshold"], pre, 0)
+    else:
+        top = np.argsort(-pre, axis=-1)[:, : spec.k]
+        f = np.zeros_like(pre)
+        np.put_along_axis(f, top, np.maximum(np.take_along_axis(pre, top, -1), 0), -1)
+    return f, (f @ p["W_dec"] + p["b_dec"]) / c
+
+
 def assert_same_function(ours: SAE, ref: LensSAE, x: np.ndarray):
-    f, x_hat = our_codes(ours, x)
+    """SAELens computes what `ours` computes: in float32, or in float64 where `ours` has an input scale
+    (our float32 `x * 2.5 - b_dec` cancels terms of ~2500 at the massive dimensions, 8e-6 off)."""
+    f, x_hat = our_codes(ours, x) if ours.spec.input_scale == 1.0 else float64_codes(ours, x)
     f_ref, x_hat_ref = lens_codes(ref, x)
     assert (f_ref > 0).sum() >= len(x)  # something fires
     assert np.array_equal(f != 0, f_ref != 0), "different latents fire"
@@ -215,15 +233,4 @@ def test_bfloat16_export_with_a_scale_is_refused_not_rounded(tmp_path):
     save_sae(bf16, tmp_path / "sl", "saelens", dtype=jnp.float32)  # the remedy the message names
     theirs = LensSAE.load_from_disk(tmp_path / "sl")
     assert theirs.cfg.dtype == "float32"
-    # Reference: the bf16 SAE's function in float64 (scaling x by 2.5 in float32 before b_dec ~ ±1000 is
-    # subtracted costs more than the one float32 rounding of the folded weights).
-    x = inputs(torch.from_numpy(np.asarray(ours.params.b_dec)) / 2.5)
-    p = {k: np.asarray(v, np.float64) for k, v in dataclasses.asdict(bf16.params).items() if v is not None}
-    pre = (x.astype(np.float64) * 2.5 - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
-    top = np.argsort(-pre, axis=-1)[:, :K]
-    f = np.zeros_like(pre)
-    np.put_along_axis(f, top, np.maximum(np.take_along_axis(pre, top, -1), 0), -1)
-    f_ref, x_hat_ref = lens_codes(theirs, x)
-    assert np.array_equal(f != 0, f_ref != 0)
-    assert_close(f_ref, f, "f")
-    assert_close(x_hat_ref, (f @ p["W_dec"] + p["b_dec"]) / 2.5, "x_hat")
+    assert_same_function(bf16, theirs, inputs(torch.from_numpy(np.asarray(ours.params.b_dec)) / 2.5))
