@@ -163,3 +163,18 @@ def test_offline_tokenizer_keeps_the_plain_format_and_ignores_a_date(tok):
     conv = CONVERSATIONS[1]
     assert format_chat(tok, conv, date="1 Jan 2000") == format_chat(tok, conv)
     assert "Today Date" not in tok.decode(format_chat(tok, conv).input_ids)
+
+
+def test_training_text_renders_the_folder_template_with_data_text_chat_date(dated, tmp_path):
+    import json
+
+    from sae_jax.config import TextConfig
+    from sae_jax.data.text import TextSource
+
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"conversation": conv}) + "\n")
+    cfg = TextConfig(path=str(tmp_path / "rows.jsonl"), tokenizer="unused", chat_date="26 Jul 2024", context_size=64,
+                     seqs_per_batch=1, streaming=False, cache_dir=str(tmp_path / "cache"))
+    batch = TextSource(cfg, tokenizer=dated).next_batch()
+    ids = batch.input_ids[0][batch.attention_mask[0] == 1].tolist()
+    assert ids == dated.apply_chat_template(conv, tokenize=True, return_dict=False, date_string="26 Jul 2024")
