@@ -96,6 +96,7 @@ class TextConfig:
     cache_dir: str | None = opt(None, "Where a non-streaming load writes its Arrow cache (null: the datasets default).")
     field: str = opt("conversation", "Row field: a list of {role, content} turns (chat-formatted) or a string (BOS + text).")
     tokenizer: str = opt("llama3-offline", "'llama3-offline' (built from llama-models' tiktoken file) or a tokenizer folder.")
+    chat_date: str | None = opt(None, "The date a tokenizer folder's dated chat template renders ('Today Date: ...' in Llama-3.2-Instruct's), e.g. '26 Jul 2024'; pin it for reproducible runs. null: the template's own choice (the day it runs). The offline tokenizer's plain Llama-3 format has no date.")
     context_size: int = opt(1024, "T, tokens per sequence (release: 1024).")
     seqs_per_batch: int = opt(8, "S, sequences per forward pass.")
     pack: bool = opt(False, "Concatenate rows and cut T-token chunks, instead of one truncated, padded row per sequence.")
