@@ -288,7 +288,8 @@ def evaluate(
         if sums["tokens"] >= n_tokens:
             break
         ids, attn, keep = (jnp.asarray(a) for a in (batch.input_ids, batch.attention_mask, batch.keep))
-        out = jax.device_get(_eval_batch(graphdef, state, sae, ids, attn, keep, layer=L, site=sae.spec.hook_site, scan=scan, lm=lm))
+        out = _eval_batch(graphdef, state, sae, ids, attn, keep, layer=L, site=sae.spec.hook_site, scan=scan, lm=lm)
+        out = jax.device_get(out)
         r = out["recon"]
         main.add(r)
         for j in scan:

@@ -84,7 +84,9 @@ def test_the_cached_forward_is_the_plain_forward(model):
     np.testing.assert_allclose(cached, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", jnp.bfloat16, ml_dtypes.bfloat16, np.dtype("float32"), jnp.float32, np.float32])
+@pytest.mark.parametrize(
+    "dtype", ["bfloat16", jnp.bfloat16, ml_dtypes.bfloat16, np.dtype("float32"), jnp.float32, np.float32]
+)
 def test_load_takes_string_numpy_and_jax_dtypes(folder, dtype):
     assert load(folder, dtype=dtype).dtype == np.dtype(dtype)
 

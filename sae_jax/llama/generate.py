@@ -95,7 +95,8 @@ def _cached_steps(model: Llama, ids: np.ndarray, mask: np.ndarray, edit: Edit | 
     graphdef, state = nnx.split(model)
     B, T = ids.shape
     cache = KVCache.empty(model.config, B, cache_size(T + max_new_tokens), model.dtype)
-    tok, cache = _step(graphdef, state, jnp.asarray(ids), jnp.asarray(_positions(mask)), jnp.asarray(mask > 0), cache, edit)
+    prompt_positions, prompt_real = jnp.asarray(_positions(mask)), jnp.asarray(mask > 0)
+    tok, cache = _step(graphdef, state, jnp.asarray(ids), prompt_positions, prompt_real, cache, edit)
     pos = jnp.asarray(mask.sum(axis=1, keepdims=True), jnp.int32)  # [B, 1] the next position of each row
     real = jnp.ones((B, 1), bool)
     while True:

@@ -63,7 +63,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-    """One layer's keys and values over S slots; a forward writes its T new tokens' at `index`."""
+    """One layer's keys and values over S slots; a forward of T tokens fills slots index..index+T-1."""
 
     k: jax.Array  # [B, S, KV, H], rotated keys
     v: jax.Array  # [B, S, KV, H]
@@ -89,7 +89,7 @@ class Attention(nnx.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache | None = None
     ) -> tuple[jax.Array, LayerCache | None]:
-        """x: [B, T, D], positions: [B, T] (rope angles), mask: [B|1, T, S] bool (True: may attend) -> ([B, T, D], cache).
+        """x: [B, T, D] -> ([B, T, D], cache); positions: [B, T] (rope angles); mask: [B|1, T, S] bool (True: attend).
 
         Without a cache the keys are x's own (S = T). With one, x's keys and
         values are written into it and the queries attend over all its S slots.

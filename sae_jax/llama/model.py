@@ -63,7 +63,8 @@ def site_index(cfg: LlamaConfig, layer: int, site: str) -> int:
     if site not in SITES:
         raise ValueError(f"site: expected one of {SITES}, found {site!r}")
     if not (isinstance(layer, numbers.Integral) and 0 <= layer < cfg.num_layers):
-        raise ValueError(f"layer: expected 0 <= layer <= {cfg.num_layers - 1} (the model has {cfg.num_layers} layers), found {layer!r}")
+        n = cfg.num_layers
+        raise ValueError(f"layer: expected 0 <= layer <= {n - 1} (the model has {n} layers), found {layer!r}")
     return int(layer) if site == "input" else int(layer) + 1
 
 
@@ -102,7 +103,7 @@ class KVCache:
         return cls(zeros(), zeros(), jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
 
     def admit(self, token_mask: jax.Array) -> tuple[KVCache, jax.Array]:
-        """token_mask: [B, T] bool (False on pads) of T new tokens -> (the cache with their slots marked, mask [B, T, S]).
+        """token_mask: [B, T] bool (False on pads) -> (this cache with the T new slots marked, mask [B, T, S]).
 
         The new tokens take slots index..index+T-1; slot s is attended by the
         new token in slot t when s <= t and slot s holds a real token.
@@ -196,7 +197,9 @@ def residual(model: Llama, input_ids, layer: int, site: str = "input", attention
     return run_layers(model, x, positions, mask, 0, site_index(model.config, layer, site))[0]
 
 
-def residuals(model: Llama, input_ids, indices: Sequence[int], attention_mask=None, positions=None) -> dict[int, jax.Array]:
+def residuals(
+    model: Llama, input_ids, indices: Sequence[int], attention_mask=None, positions=None
+) -> dict[int, jax.Array]:
     """{i: [B, T, D] residual after i layers} for each i in `indices` (0..L), in one pass up to the largest."""
     want = sorted(set(int(i) for i in indices))
     if want and not 0 <= want[0] <= want[-1] <= model.config.num_layers:
