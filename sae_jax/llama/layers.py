@@ -21,7 +21,7 @@ from sae_jax.llama import rope
 from sae_jax.llama.config import LlamaConfig
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
+def random_weight(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
     """A fresh weight, N(0, 0.02) as transformers initialises Llama; `load` overwrites it."""
     return nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), shape, dtype))
 
@@ -80,10 +80,10 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
         D, N, KV, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q = _normal(rngs, (N * H, D), param_dtype)  # query head n uses KV head n // G
-        self.k = _normal(rngs, (KV * H, D), param_dtype)
-        self.v = _normal(rngs, (KV * H, D), param_dtype)
-        self.o = _normal(rngs, (D, N * H), param_dtype)
+        self.q = random_weight(rngs, (N * H, D), param_dtype)  # query head n uses KV head n // G
+        self.k = random_weight(rngs, (KV * H, D), param_dtype)
+        self.v = random_weight(rngs, (KV * H, D), param_dtype)
+        self.o = random_weight(rngs, (D, N * H), param_dtype)
         self.cfg = cfg
 
     def __call__(
@@ -112,9 +112,9 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        self.gate = _normal(rngs, (F, D), param_dtype)
-        self.up = _normal(rngs, (F, D), param_dtype)
-        self.down = _normal(rngs, (D, F), param_dtype)
+        self.gate = random_weight(rngs, (F, D), param_dtype)
+        self.up = random_weight(rngs, (F, D), param_dtype)
+        self.down = random_weight(rngs, (D, F), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """SwiGLU. x: [B, T, D] -> [B, T, D]."""

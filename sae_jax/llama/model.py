@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sae_jax.llama.config import LlamaConfig, dtype_name
-from sae_jax.llama.layers import Block, LayerCache, RMSNorm, _normal
+from sae_jax.llama.layers import Block, LayerCache, RMSNorm, random_weight
 from sae_jax.sae import SITES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -43,10 +43,11 @@ class Llama(nnx.Module):
         kw = dict(dtype=dt, param_dtype=pdt)
         self.config = cfg
         self.dtype = dt  # compute dtype; weights stay in their own dtype
-        self.embed = _normal(rngs, (cfg.vocab_size, cfg.hidden_size), pdt)  # [V, D]
+        self.embed = random_weight(rngs, (cfg.vocab_size, cfg.hidden_size), pdt)  # [V, D]
         self.layers = nnx.List([Block(cfg, **kw, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.lm_head = None if cfg.tie_word_embeddings else _normal(rngs, (cfg.vocab_size, cfg.hidden_size), pdt)
+        untied = not cfg.tie_word_embeddings
+        self.lm_head = random_weight(rngs, (cfg.vocab_size, cfg.hidden_size), pdt) if untied else None
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: [B, T] int -> [B, T, D], the residual entering layer 0."""
