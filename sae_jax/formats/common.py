@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax import typed
 from sae_jax.errors import SAEFormatError, cause, error, first_line  # noqa: F401 (re-exported)
 from sae_jax.sae import DTYPES, SAE, SAEParams, SAESpec, Site
 
@@ -96,10 +97,4 @@ def check_sae(sae: SAE, where: str | Path) -> None:
 
 def read_json_object(path: Path) -> dict:
     """The JSON object in `path`, or a one-line SAEFormatError naming the file."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
-        raise SAEFormatError(f"{path}: unreadable JSON ({first_line(e)})") from None
-    if not isinstance(raw, dict):
-        raise error(path, "top level", "a JSON object", type(raw).__name__)
-    return raw
+    return typed.read_json_object(path, SAEFormatError)

@@ -74,7 +74,7 @@ def _read_spec(path: Path) -> SAESpec:
         if key not in _FIELDS:
             raise error(path, key, f"only SAESpec fields {sorted(_FIELDS)}", f"extra key {key!r}")
         expected, ok = _JSON_TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, expected) or not ok(value):  # JSON true is no layer
+        if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected) or not ok(value):  # true is no layer
             raise error(path, key, _JSON_TYPE_NAMES[key], json.dumps(value)[:80])
     for key in ("architecture", "d_in", "n_latents"):  # SAESpec has no default for these
         if key not in raw:
@@ -89,12 +89,12 @@ _ANY = lambda v: True
 _JSON_TYPES = {
     "architecture": (str, _ANY), "d_in": (int, _ANY), "n_latents": (int, _ANY), "k": ((int, type(None)), _ANY),
     "hook_layer": (int, lambda v: v >= 0), "hook_site": (str, _ANY), "dtype": (str, _ANY),
-    "input_scale": ((int, float), lambda v: abs(v) < 1e300), "source": (str, _ANY),
+    "input_scale": ((int, float), lambda v: abs(v) < 1e300), "source": (str, _ANY), "apply_b_dec_to_input": (bool, _ANY),
 }
 _JSON_TYPE_NAMES = {
     "architecture": "a string", "d_in": "an integer", "n_latents": "an integer", "k": "an integer or null",
     "hook_layer": "an integer >= 0", "hook_site": "a string", "dtype": "a string", "input_scale": "a finite number",
-    "source": "a string",
+    "source": "a string", "apply_b_dec_to_input": "true or false",
 }
 
 
