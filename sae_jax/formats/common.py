@@ -90,13 +90,15 @@ def check_finite(where: str | Path, key: str, a: np.ndarray) -> None:
 
 
 def to_numpy(params: SAEParams) -> dict[str, np.ndarray]:
-    """Params as host numpy arrays, bit for bit, keyed by PARAM_NAMES."""
-    return {name: np.asarray(jax.device_get(getattr(params, name))) for name in PARAM_NAMES}
+    """Params as host numpy arrays, bit for bit, keyed by PARAM_NAMES (and threshold when present)."""
+    names = PARAM_NAMES + (("threshold",) if params.threshold is not None else ())
+    return {name: np.asarray(jax.device_get(getattr(params, name))) for name in names}
 
 
 def from_numpy(arrays: Mapping[str, np.ndarray]) -> SAEParams:
-    """Params from numpy arrays keyed by PARAM_NAMES, bit for bit."""
-    return SAEParams(**{name: jnp.asarray(np.ascontiguousarray(arrays[name])) for name in PARAM_NAMES})
+    """Params from numpy arrays keyed by PARAM_NAMES (and threshold when present), bit for bit."""
+    names = PARAM_NAMES + (("threshold",) if "threshold" in arrays else ())
+    return SAEParams(**{name: jnp.asarray(np.ascontiguousarray(arrays[name])) for name in names})
 
 
 def transposed(a: np.ndarray) -> np.ndarray:
