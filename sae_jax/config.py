@@ -93,10 +93,25 @@ class SyntheticConfig:
     active: float = opt(8.0, "Mean number of true features active per token (Bernoulli).")
     noise: float = opt(0.01, "Std of Gaussian noise added to each coordinate.")
     dict_seed: int = opt(1234, "Seed of the true dictionary, so a trained SAE can be scored against it.")
+    zipf_exponent: float = opt(0.0, "Feature i fires with probability proportional to (i + 1)^-a, scaled so `active` fire on average (capped at 1); 0: all equally often. Language-model features are Zipf-like (a around 1).")
+    correlation: float = opt(0.0, "Features in consecutive groups of `correlation_group` share a Gaussian factor with this correlation (a Gaussian copula on the firing events); 0: independent.")
+    correlation_group: int = opt(8, "Size of the groups of correlated features.")
+    hierarchy_parents: int = opt(0, "The first P features are parents, each with `hierarchy_children` children right after them (features P..P+P*C); a child fires only when its parent fires.")
+    hierarchy_children: int = opt(4, "Children per parent.")
+    hierarchy_child_prob: float = opt(0.25, "Probability that a child fires when its parent fires.")
+    magnitude_spread: float = opt(0.0, "Each feature's typical magnitude is exp(N(0, s^2)) (fixed by dict_seed), times Uniform(0.5, 1.5) per firing; 0: typical magnitude 1 for all.")
 
     def check(self, path: str) -> None:
-        _positive(self, path, "n_features", "active")
-        _nonnegative(self, path, "noise")
+        _positive(self, path, "n_features", "active", "correlation_group", "hierarchy_children")
+        _nonnegative(self, path, "noise", "zipf_exponent", "hierarchy_parents", "magnitude_spread")
+        _in_unit(self, path, "hierarchy_child_prob")
+        if not 0 <= self.correlation < 1:
+            raise ConfigError(f"{path}.correlation: expected 0 <= value < 1, found {self.correlation}")
+        if self.hierarchy_parents * (1 + self.hierarchy_children) > self.n_features:
+            raise ConfigError(
+                f"{path}.hierarchy_parents: expected P * (1 + hierarchy_children) <= n_features = {self.n_features}, "
+                f"found {self.hierarchy_parents} * {1 + self.hierarchy_children}"
+            )
         if self.active > self.n_features:
             raise ConfigError(f"{path}.active: expected <= n_features = {self.n_features}, found {self.active}")
 
