@@ -176,6 +176,10 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
             save_sae(sae, run_dir / "sae", format="jax", overwrite=True)
             if cfg.run.eval_batches:
                 final_eval(sae, source, cfg.run.eval_batches, run_dir / "eval.json")
+            if cfg.data.source == "synthetic":  # the known directions: recovery and MCC into eval.json
+                from sae_jax.groundtruth import report
+
+                report(sae, cfg, run_dir / "eval.json", echo=progress)
     return RunResult(state, scale, run_dir, sae, start)
 
 

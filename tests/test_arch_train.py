@@ -1,5 +1,7 @@
 """The recipes through the whole loop: stop and resume bit-identical, the export a jumprelu with its threshold."""
 
+import json
+
 import numpy as np
 import pytest
 from test_train_run import assert_same_params, tiny
@@ -29,6 +31,8 @@ def test_stopped_and_rerun_is_bit_identical_for_every_recipe(tmp_path, name):
     if name in ("batchtopk", "matryoshka"):
         theta = np.asarray(saved.params.threshold)
         assert saved.spec.architecture == "jumprelu" and theta.min() == theta.max() > 0
+    truth = json.loads((tmp_path / "part" / "eval.json").read_text())["ground_truth"]
+    assert truth["n_true_features"] == 512 and 0 <= truth["recovered"] <= 1 and 0 < truth["mcc"] <= 1
     if name == "topk-unit":
         W = np.asarray(whole.state.params.W_dec)
         np.testing.assert_allclose(np.linalg.norm(W, axis=1), 1, rtol=1e-6)
