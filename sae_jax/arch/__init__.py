@@ -106,7 +106,7 @@ def init(key: jax.Array, spec: SAESpec, s: "SAEConfig") -> SAEParams:
     recipe = get(s.architecture)
     params = init_params(key, spec, 1.0 if unit_norm_decoder(s) else s.dec_init_norm)
     if spec.architecture == "jumprelu":
-        params.threshold = jnp.full((spec.n_latents,), recipe.init_threshold(s), jnp.float32)
+        params = dataclasses.replace(params, threshold=jnp.full((spec.n_latents,), recipe.init_threshold(s), jnp.float32))
     return params
 
 
