@@ -33,7 +33,7 @@ TRAIN = ["train.lr_warmup_steps=20", "train.dead_tokens=50000", "train.auxk_k=32
 SWEEPS = {
     "relu": ("train.l1_coefficient", [1.0, 2.0, 3.0, 5.0], ["train.lr=2e-3"]),
     "topk": ("sae.k", [3, 4, 5, 8], ["sae.unit_norm_decoder=true", "train.lr=1e-2"]),
-    "batchtopk": ("sae.k", [2, 3, 4, 6], ["train.lr=1e-2"]),
+    "batchtopk": ("sae.k", [2, 3, 4, 6], ["train.lr=1e-2"]),  # free decoder rows (the default)
     "jumprelu": ("sae.l0_coefficient", [5.0, 10.0, 20.0, 40.0],
                  ["train.lr=2e-3", "sae.jumprelu_bandwidth=0.2", "sae.jumprelu_pre_act_coefficient=1e-3"]),
     "matryoshka": ("sae.k", [2, 3, 4, 6], ["train.lr=1e-2"]),

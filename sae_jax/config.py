@@ -49,7 +49,7 @@ class SAEConfig:
     hook_site: Literal["input", "output"] = opt("input", "'input': entering the layer (the notebook's hook, hidden_states[L]); 'output': leaving it.")
     dec_init_norm: float = opt(0.1, "Norm of each decoder row at init; the encoder starts as the decoder's transpose.")
     pre_encoder_bias: bool = opt(False, "Encode x - b_dec instead of x (SAELens's apply_b_dec_to_input; Bussmann 2024's BatchTopK does; the release does not).")
-    unit_norm_decoder: bool | None = opt(None, "Keep decoder rows at unit norm, their gradients projected onto the sphere (OpenAI 2024), topk family only; null: the recipe's default (batchtopk, matryoshka: true, after Bussmann 2024; topk: false, this trainer's earlier runs).")
+    unit_norm_decoder: bool | None = opt(None, "Keep decoder rows at unit norm, their gradients projected onto the sphere (OpenAI 2024), topk family only; null: the recipe's default, false (free rows, as SAELens trains batchtopk; measured better on synthetic ground truth). Unit-norm rows want a larger train.lr.")
     auxk_normalize: bool = opt(False, "Divide AuxK by the residual's variance, as OpenAI's code does (normalized MSE); false: the plain squared error, summed over D, mean over B.")
     batchtopk_threshold_lr: float = opt(0.01, "batchtopk/matryoshka: rate r of the running threshold theta <- (1 - r) theta + r min(kept activation) (SAELens's topk_threshold_lr).")
     matryoshka_prefixes: list = opt([], "matryoshka: inner prefix sizes, strictly increasing, each in [k, N); N itself is always the last level. []: N/8, N/4, N/2.")

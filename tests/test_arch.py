@@ -166,7 +166,7 @@ def test_topk_family_gradients_equal_reference(name):
 
 
 def test_unit_norm_decoder_gradients_are_projected_onto_the_sphere():
-    cfg, spec, p, x, ctx = setup("batchtopk")  # unit_norm_decoder defaults to true here
+    cfg, spec, p, x, ctx = setup("batchtopk", "sae.unit_norm_decoder=true")
     p = arch.renormalise(p)
     (_, _), grads = arch.value_and_grad(p, spec, x, ctx)
     _, free = jax.value_and_grad(lambda q: ref_batchtopk_loss(q, x, ctx))(p)

@@ -5,7 +5,9 @@ Inference cannot see the batch, so a global threshold theta is kept as a running
 kept activation, theta <- (1 - r) theta + r min(kept) after every step (r = `sae.batchtopk_threshold_lr`,
 0.01 as in SAELens), starting at 0; the SAE exports as jumprelu with that theta for every latent (how SAELens
 saves it). theta lives in `params.threshold` (N equal entries): no gradient reaches it, the step sets it.
-Decoder rows unit-norm with projected gradients by default (Bussmann 2024, after OpenAI 2024).
+Decoder rows free by default, as SAELens trains it: Bussmann 2024's unit-norm rows (`sae.unit_norm_decoder`)
+recovered fewer true features on the realistic synthetic set (k = 4: 0.45 against 0.79 with free rows,
+tests/test_arch_recovery.py's set).
 """
 
 from __future__ import annotations
@@ -52,6 +54,6 @@ def update_threshold(params, out: Forward, s):
 
 
 RECIPE = Recipe(
-    name="batchtopk", inference="jumprelu", loss=loss, needs_k=True, unit_norm_default=True,
+    name="batchtopk", inference="jumprelu", loss=loss, needs_k=True,
     init_threshold=lambda s: 0.0, update=update_threshold,
 )

@@ -3,7 +3,7 @@
 The code is batchtopk's over all N latents; each prefix m of `sae.matryoshka_prefixes` (and N itself)
 reconstructs x alone from latents [0, m): loss sum_m |x - (f[:, :m] W_dec[:m] + b_dec)|^2 + alpha AuxK, so
 the first latents must carry the most general features and a child cannot absorb its parent. Same running
-threshold, export (jumprelu) and unit-norm decoder as batchtopk.
+threshold, export (jumprelu) and decoder default (free rows) as batchtopk.
 """
 
 from __future__ import annotations
@@ -33,6 +33,6 @@ def loss(params, spec, x, ctx):
 
 
 RECIPE = Recipe(
-    name="matryoshka", inference="jumprelu", loss=loss, needs_k=True, unit_norm_default=True,
+    name="matryoshka", inference="jumprelu", loss=loss, needs_k=True,
     init_threshold=lambda s: 0.0, update=batchtopk.update_threshold,
 )
