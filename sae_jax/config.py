@@ -34,13 +34,30 @@ def _copy(x):
 
 @dataclasses.dataclass(frozen=True)
 class SAEConfig:
-    architecture: Literal["relu", "topk"] = opt("relu", "'relu' (the release: relu(x W_enc + b_enc)) or 'topk' (keep the k largest).")
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = opt(
+        "relu",
+        "Training recipe (sae_jax/arch/): 'relu' (the release: relu(x W_enc + b_enc)), 'topk' (the k largest per token), "
+        "'batchtopk' (the B*k largest per batch), 'jumprelu' (a trained threshold per latent) or 'matryoshka' "
+        "(nested prefixes over a batchtopk code). batchtopk and matryoshka export as jumprelu with their threshold.",
+    )
     d_in: int = opt(2048, "D, the width of the activations (Llama-3.2-1B: 2048).")
     expansion: int = opt(16, "N = expansion * D latents (release: 16, so N = 32768).")
-    k: int | None = opt(None, "Active latents per token for 'topk'; must be unset for 'relu'.")
+    k: int | None = opt(None, "Active latents per token for 'topk', 'batchtopk' and 'matryoshka' (on average over the batch); unset otherwise.")
     hook_layer: int = opt(9, "Decoder layer whose residual stream the SAE reads.")
     hook_site: Literal["input", "output"] = opt("input", "'input': entering the layer (the notebook's hook, hidden_states[L]); 'output': leaving it.")
     dec_init_norm: float = opt(0.1, "Norm of each decoder row at init; the encoder starts as the decoder's transpose.")
+    pre_encoder_bias: bool = opt(False, "Encode x - b_dec instead of x (SAELens's apply_b_dec_to_input; Bussmann 2024's BatchTopK does; the release does not).")
+    unit_norm_decoder: bool | None = opt(None, "Keep decoder rows at unit norm, their gradients projected onto the sphere (OpenAI 2024), topk family only; null: the recipe's default, false (free rows, as SAELens trains batchtopk; measured better on synthetic ground truth). Unit-norm rows want a larger train.lr.")
+    auxk_normalize: bool = opt(False, "Divide AuxK by the residual's variance, as OpenAI's code does (normalized MSE); false: the plain squared error, summed over D, mean over B.")
+    batchtopk_threshold_lr: float = opt(0.01, "batchtopk/matryoshka: rate r of the running threshold theta <- (1 - r) theta + r min(kept activation) (SAELens's topk_threshold_lr).")
+    matryoshka_prefixes: list = opt([], "matryoshka: inner prefix sizes, strictly increasing, each in [k, N); N itself is always the last level. []: N/8, N/4, N/2.")
+    jumprelu_bandwidth: float = opt(0.05, "jumprelu: eps, the rectangle kernel's width in the straight-through gradients (SAELens 0.05 at mean input norm sqrt(D); the paper's 0.001 is for unit-norm inputs).")
+    jumprelu_init_threshold: float = opt(0.01, "jumprelu: every theta_i at init (SAELens).")
+    l0_coefficient: float = opt(1.0, "jumprelu: lambda of the sparsity penalty (SAELens's l0_coefficient default).")
+    l0_warmup_frac: float = opt(0.05, "jumprelu: fraction of training over which lambda rises linearly from 0 (Gemma Scope warms it up; the fraction matches train.l1_warmup_frac).")
+    jumprelu_sparsity: Literal["l0", "tanh"] = opt("l0", "jumprelu: 'l0', sum_i H(pre_i - theta_i) (Rajamanoharan 2024), or 'tanh', sum_i tanh(c f_i |W_dec,i|) (Anthropic, January 2025).")
+    jumprelu_tanh_scale: float = opt(4.0, "jumprelu, sparsity 'tanh': c (Anthropic, January 2025).")
+    jumprelu_pre_act_coefficient: float = opt(0.0, "jumprelu: lambda_p of Anthropic's pre-activation loss sum_i relu(theta_i - pre_i) |W_dec,i|, which pulls up latents that never fire (Anthropic used 3e-6 in its units; 0: off).")
 
     @property
     def n_latents(self) -> int:
@@ -49,11 +66,23 @@ class SAEConfig:
     def check(self, path: str) -> None:
         _positive(self, path, "d_in", "expansion", "dec_init_norm")
         _nonnegative(self, path, "hook_layer")
-        if self.architecture == "topk":
+        topk_family = self.architecture in ("topk", "batchtopk", "matryoshka")
+        if topk_family:
             if self.k is None or not 0 < self.k <= self.n_latents:
-                raise ConfigError(f"{path}.k: expected 1 <= k <= N = {self.n_latents} for topk, found {self.k}")
+                raise ConfigError(f"{path}.k: expected 1 <= k <= N = {self.n_latents} for {self.architecture}, found {self.k}")
         elif self.k is not None:
-            raise ConfigError(f"{path}.k: expected unset for architecture 'relu', found {self.k}")
+            raise ConfigError(f"{path}.k: expected unset for architecture {self.architecture!r}, found {self.k}")
+        if self.unit_norm_decoder and not topk_family:
+            raise ConfigError(f"{path}.unit_norm_decoder: expected null or false for {self.architecture!r} (topk family only), found true")
+        _positive(self, path, "jumprelu_bandwidth", "jumprelu_tanh_scale")
+        _nonnegative(self, path, "l0_coefficient", "jumprelu_pre_act_coefficient", "jumprelu_init_threshold")
+        _in_unit(self, path, "l0_warmup_frac")
+        _in_unit(self, path, "batchtopk_threshold_lr")
+        sizes = self.matryoshka_prefixes
+        if not all(isinstance(m, int) and not isinstance(m, bool) for m in sizes) or sizes != sorted(set(sizes)):
+            raise ConfigError(f"{path}.matryoshka_prefixes: expected strictly increasing integers, found {sizes}")
+        if sizes and not (self.k or 1) <= sizes[0] <= sizes[-1] < self.n_latents:
+            raise ConfigError(f"{path}.matryoshka_prefixes: expected sizes in [k, N = {self.n_latents}), found {sizes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +91,25 @@ class SyntheticConfig:
     active: float = opt(8.0, "Mean number of true features active per token (Bernoulli).")
     noise: float = opt(0.01, "Std of Gaussian noise added to each coordinate.")
     dict_seed: int = opt(1234, "Seed of the true dictionary, so a trained SAE can be scored against it.")
+    zipf_exponent: float = opt(0.0, "Feature i fires with probability proportional to (i + 1)^-a, scaled so `active` fire on average (capped at 1); 0: all equally often. Language-model features are Zipf-like (a around 1).")
+    correlation: float = opt(0.0, "Features in consecutive groups of `correlation_group` share a Gaussian factor with this correlation (a Gaussian copula on the firing events); 0: independent.")
+    correlation_group: int = opt(8, "Size of the groups of correlated features.")
+    hierarchy_parents: int = opt(0, "The first P features are parents, each with `hierarchy_children` children right after them (features P..P+P*C); a child fires only when its parent fires.")
+    hierarchy_children: int = opt(4, "Children per parent.")
+    hierarchy_child_prob: float = opt(0.25, "Probability that a child fires when its parent fires.")
+    magnitude_spread: float = opt(0.0, "Each feature's typical magnitude is exp(N(0, s^2)) (fixed by dict_seed), times Uniform(0.5, 1.5) per firing; 0: typical magnitude 1 for all.")
 
     def check(self, path: str) -> None:
-        _positive(self, path, "n_features", "active")
-        _nonnegative(self, path, "noise")
+        _positive(self, path, "n_features", "active", "correlation_group", "hierarchy_children")
+        _nonnegative(self, path, "noise", "zipf_exponent", "hierarchy_parents", "magnitude_spread")
+        _in_unit(self, path, "hierarchy_child_prob")
+        if not 0 <= self.correlation < 1:
+            raise ConfigError(f"{path}.correlation: expected 0 <= value < 1, found {self.correlation}")
+        if self.hierarchy_parents * (1 + self.hierarchy_children) > self.n_features:
+            raise ConfigError(
+                f"{path}.hierarchy_parents: expected P * (1 + hierarchy_children) <= n_features = {self.n_features}, "
+                f"found {self.hierarchy_parents} * {1 + self.hierarchy_children}"
+            )
         if self.active > self.n_features:
             raise ConfigError(f"{path}.active: expected <= n_features = {self.n_features}, found {self.active}")
 

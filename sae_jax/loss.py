@@ -68,16 +68,22 @@ def forward_in(params: SAEParams, spec: SAESpec, x: jax.Array, compute_dtype: st
     """`sae.forward_params` with both matmuls in `compute_dtype` (float32: forward_params itself). Needs input_scale 1."""
     if compute_dtype == "float32":
         return forward_params(params, spec, x)
+    x = x - params.b_dec.astype(jnp.float32) if spec.apply_b_dec_to_input else x
     pre = matmul(x, params.W_enc, compute_dtype) + params.b_enc.astype(jnp.float32)
-    f = activate(spec, pre)
+    f = activate(spec, pre, params.threshold)
     return Forward(matmul(f, params.W_dec, compute_dtype) + params.b_dec.astype(jnp.float32), f, pre)
 
 
-def auxk_error(params: SAEParams, pre: jax.Array, residual: jax.Array, dead: jax.Array, k: int, compute_dtype: str = "float32") -> jax.Array:
+def auxk_error(
+    params: SAEParams, pre: jax.Array, residual: jax.Array, dead: jax.Array, k: int, compute_dtype: str = "float32",
+    normalize: bool = False,
+) -> jax.Array:
     """pre: [B, N], residual: [B, D] (no gradient), dead: [N] bool -> [] AuxK squared error.
 
     The k largest pre-activations among dead latents, ReLU'd, decoded without
     bias, should reconstruct the residual. 0 when no latent is dead.
+    `normalize`: divided by the residual's variance, sum_d mean_B (r - mean_B r)^2 (OpenAI's
+    normalized MSE), so its size does not fall as the main reconstruction improves.
     """
     k = min(k, pre.shape[-1])
     masked = jnp.where(dead, pre, -jnp.inf)
@@ -85,7 +91,10 @@ def auxk_error(params: SAEParams, pre: jax.Array, residual: jax.Array, dead: jax
     vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
     f_aux = jnp.put_along_axis(jnp.zeros_like(pre), idx, vals, axis=-1, inplace=False)
     e_hat = matmul(f_aux, params.W_dec, compute_dtype)
-    return jnp.where(jnp.any(dead), squared_error(residual, e_hat), 0.0)
+    err = squared_error(residual, e_hat)
+    if normalize:
+        err = err / jnp.maximum(squared_error(residual, jnp.mean(residual, axis=0)), 1e-12)
+    return jnp.where(jnp.any(dead), err, 0.0)
 
 
 def sae_loss(
@@ -98,6 +107,7 @@ def sae_loss(
     auxk_k: int,
     auxk_coefficient: float,
     compute_dtype: str = "float32",
+    auxk_normalize: bool = False,
 ) -> tuple[jax.Array, tuple[Forward, LossParts]]:
     """x: [B, D] scaled inputs -> (loss, (forward, parts)). `spec.input_scale` must be 1.
 
@@ -112,6 +122,6 @@ def sae_loss(
         sparsity = weighted_l1(params, out.f)
         parts = LossParts(recon + l1_coefficient * sparsity, recon, sparsity, zero)
     else:
-        aux = auxk_error(params, out.pre, jax.lax.stop_gradient(x - out.x_hat), dead, auxk_k, compute_dtype)
+        aux = auxk_error(params, out.pre, jax.lax.stop_gradient(x - out.x_hat), dead, auxk_k, compute_dtype, auxk_normalize)
         parts = LossParts(recon + auxk_coefficient * aux, recon, zero, aux)
     return parts.loss, (out, parts)

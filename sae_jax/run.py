@@ -207,20 +207,19 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True, 
     return RunResult(state, scale, run_dir, sae, start)
 
 
-def score(sae: SAE, source: Source, n_batches: int, cfg: Config | None = None) -> dict:
-    """`quick_eval` of `sae` on the next `n_batches` batches of `source`; on synthetic data, the recovery of its
-    true directions too (the fraction whose best decoder row has cosine >= 0.9)."""
+def score(sae: SAE, source: Source, n_batches: int, cfg: Config) -> dict:
+    """`quick_eval` of `sae` on the next `n_batches` batches of `source`; on synthetic data, beside it under
+    "ground_truth", its scores against the known directions (`groundtruth.score_synthetic`: recovery, MCC, F1...)."""
     x = np.concatenate([source.next_batch() for _ in range(n_batches)])
     result = {"tokens": int(x.shape[0]), **quick_eval(sae, x)}
-    dictionary = getattr(source, "dictionary", None)
-    if dictionary is not None:
-        from sae_jax.data.synthetic import recovered_fraction
+    if cfg.data.source == "synthetic":
+        from sae_jax.groundtruth import score_synthetic
 
-        result["recovered_fraction"] = recovered_fraction(dictionary, np.asarray(sae.params.W_dec, np.float32))
+        result["ground_truth"] = score_synthetic(sae, cfg)
     return result
 
 
-def final_eval(sae: SAE, source: Source, n_batches: int, path: Path, cfg: Config | None = None) -> dict:
+def final_eval(sae: SAE, source: Source, n_batches: int, path: Path, cfg: Config) -> dict:
     """`score` of the exported SAE on the next `n_batches` (unseen) batches, written to `path`."""
     result = score(sae, source, n_batches, cfg)
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")

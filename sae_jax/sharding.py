@@ -130,8 +130,10 @@ def state_shardings(mesh: Mesh, state: Any) -> Any:
     """A TrainState of shardings for `state` (arrays or ShapeDtypeStructs): every SAEParams in it
     (params, Adam's mu and nu) as `param_shardings`, since_fired over `model`, the rest replicated."""
     params = param_shardings(mesh)
+    # jumprelu's threshold [N] follows the latents.
+    with_threshold = dataclasses.replace(params, threshold=NamedSharding(mesh, P("model")))
     tree = jax.tree.map(
-        lambda x: params if isinstance(x, SAEParams) else NamedSharding(mesh, P()),
+        lambda x: (params if x.threshold is None else with_threshold) if isinstance(x, SAEParams) else NamedSharding(mesh, P()),
         state,
         is_leaf=lambda x: isinstance(x, SAEParams),
     )

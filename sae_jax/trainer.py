@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sae_jax import sharding
-from sae_jax.config import Config, TrainConfig
+from sae_jax import arch, sharding
+from sae_jax.config import Config, SAEConfig, TrainConfig
 from sae_jax.loss import sae_loss
-from sae_jax.sae import SAEParams, SAESpec, explained_variance, init_params
+from sae_jax.sae import SAEParams, SAESpec, explained_variance
 from sae_jax.sparse import fits_sparse, sparse_value_and_grad
 
 
@@ -35,9 +35,11 @@ class TrainState:
 
 
 def spec_from_config(cfg: Config) -> SAESpec:
-    """The training-time spec: params in scaled units, so input_scale is 1."""
+    """The training-time spec: params in scaled units, so input_scale is 1; the recipe's inference architecture."""
     s = cfg.sae
-    return SAESpec(s.architecture, s.d_in, s.n_latents, s.k, s.hook_layer, s.hook_site)
+    inference = arch.get(s.architecture).inference
+    k = s.k if inference == "topk" else None
+    return SAESpec(inference, s.d_in, s.n_latents, k, s.hook_layer, s.hook_site, apply_b_dec_to_input=s.pre_encoder_bias)
 
 
 def lr_schedule(t: TrainConfig) -> optax.Schedule:
@@ -121,7 +123,7 @@ def _init_state(cfg: Config) -> TrainState:
     spec = spec_from_config(cfg)
     key = jax.random.key(cfg.train.seed)
     init_key, key = jax.random.split(key)
-    params = init_params(init_key, spec, cfg.sae.dec_init_norm)
+    params = arch.init(init_key, spec, cfg.sae)
     return TrainState(
         params=params,
         opt_state=optimizer(cfg.train).init(params),
@@ -137,12 +139,16 @@ def _init_state(cfg: Config) -> TrainState:
 NONFINITE = {1: "input activations", 2: "loss", 3: "gradients"}
 
 
-def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfig):
+def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None):
     """x: [B, D] scaled -> ((loss, (forward, parts)), grads): what the step differentiates.
 
     kernel 'dense' differentiates `loss.sae_loss` (the reference); 'sparse'
-    computes the same values with `sparse.sparse_value_and_grad`.
+    computes the same values with `sparse.sparse_value_and_grad`. `s`: the recipe
+    (`sae_jax.arch`, dense) for anything beyond plain relu/topk; unset, the spec's relu or topk.
     """
+    if s is not None and _needs_recipe(s):
+        ctx = arch.LossContext(state.step, state.since_fired >= t.dead_tokens, s, t)
+        return arch.value_and_grad(state.params, spec, x, ctx)
     kw = dict(
         l1_coefficient=l1_schedule(t, state.step),
         dead=state.since_fired >= t.dead_tokens,
@@ -155,10 +161,16 @@ def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfi
     return jax.value_and_grad(lambda p: sae_loss(p, spec, x, **kw), has_aux=True)(state.params)
 
 
-def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: SAESpec, t: TrainConfig):
-    """x_raw: [B, D] raw activations, scale: [] -> (new state, metrics dict of [] float32)."""
+def _needs_recipe(s: SAEConfig) -> bool:
+    """Whether `s` trains through its `sae_jax.arch` recipe: all but plain relu and topk, which the sparse kernel covers."""
+    plain = s.architecture in ("relu", "topk") and not (s.pre_encoder_bias or s.auxk_normalize)
+    return not plain or arch.unit_norm_decoder(s)
+
+
+def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None):
+    """x_raw: [B, D] raw activations, scale: [] -> (new state, metrics dict of [] float32). `s`: see loss_and_grads."""
     x = x_raw.astype(jnp.float32) * scale
-    (loss, (out, parts)), grads = loss_and_grads(state, x, spec, t)
+    (loss, (out, parts)), grads = loss_and_grads(state, x, spec, t, s)
     fired = jnp.any(out.f > 0, axis=0)
     since = jnp.where(fired, 0, jnp.minimum(state.since_fired + x.shape[0], t.dead_tokens))
     grad_norm = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads)))
@@ -171,9 +183,10 @@ def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: S
         "dead_fraction": jnp.mean(since >= t.dead_tokens),
         "l1_coefficient": jnp.asarray(l1_schedule(t, state.step), jnp.float32),
         "auxk": parts.auxk,
+        "sparsity": parts.sparsity,
         "grad_norm": grad_norm,
     }
-    if t.kernel == "sparse" and spec.architecture == "relu":
+    if t.kernel == "sparse" and spec.architecture == "relu" and not (s is not None and _needs_recipe(s)):
         # 1 when a token had more than sparse_k_max active latents and the step ran dense.
         metrics["dense_fallback"] = 1.0 - fits_sparse(out.pre, t.sparse_k_max).astype(jnp.float32)
     what = jnp.where(
@@ -182,6 +195,8 @@ def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: S
     ok = what == 0
     # A non-finite step leaves params and optimizer state as they were; the loop decides what to do.
     params, opt_state = adam_update(grads, state.opt_state, state.params, t, grad_norm, ok)
+    if s is not None and _needs_recipe(s):  # a recipe's own state (threshold, unit-norm rows), kept on a bad step
+        params = jax.tree.map(lambda a, b: jnp.where(ok, a, b), arch.after_update(params, out, s), params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     first = jnp.where((state.first_bad[0] < 0) & ~ok, jnp.stack([state.step, what]), state.first_bad)
     new = TrainState(
@@ -201,7 +216,7 @@ def make_step(cfg: Config) -> Callable[[TrainState, jax.Array, jax.Array], tuple
 
     With a `mesh` of several devices, state and batch are sharded as `sharding` describes.
     """
-    step = lambda s, x, c: train_step(s, x, c, spec=spec_from_config(cfg), t=cfg.train)
+    step = lambda s, x, c: train_step(s, x, c, spec=spec_from_config(cfg), t=cfg.train, s=cfg.sae)
     if not sharding.needs_mesh(cfg):
         return jax.jit(step, donate_argnums=0)
     mesh = sharding.make_mesh(cfg)

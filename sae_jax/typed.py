@@ -2,7 +2,7 @@
 cfg.json, a Llama's config.json.
 
 `coerce(t, value, path, error)` turns a JSON/YAML value into the Python type `t` (a dataclass, Literal, union,
-None, bool, int, float or str) or raises `error` with one line naming `path`, what was expected and what was
+None, bool, int, float, list or str) or raises `error` with one line naming `path`, what was expected and what was
 found; `from_dict` builds a dataclass, refusing unknown keys; `get` reads one key of a mapping.
 """
 
@@ -86,6 +86,10 @@ def coerce(t, value, path: str, error: type[Exception] = ValueError):
         if isinstance(value, int) and abs(value) > _FLOAT_MAX or not math.isfinite(value):  # float(10**400) raises
             raise error(f"{path}: expected a finite number, found {show(value)}")
         return float(value)
+    if t is list:
+        if not isinstance(value, list):
+            raise error(f"{path}: expected a list, found {type(value).__name__} {show(value)}")
+        return list(value)
     if t is str:
         if not isinstance(value, str):
             raise error(f"{path}: expected a string, found {type(value).__name__} {show(value)}")

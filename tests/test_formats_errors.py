@@ -221,7 +221,8 @@ def edit_spec(folder: Path, **changes) -> None:
     ({"format_version": 2}, "format_version", "found 2"),
     ({"format_version": "DELETE"}, "format_version", "found null"),
     ({"hidden": 1}, "hidden", "extra key 'hidden'"),
-    ({"architecture": "jumprelu"}, "threshold", f"found arrays {['W_dec', 'W_enc', 'b_dec', 'b_enc']}"),
+    ({"architecture": "gated"}, "architecture", "found 'gated'"),
+    ({"architecture": "jumprelu"}, "threshold", "found arrays ['W_dec', 'W_enc', 'b_dec', 'b_enc']"),  # jumprelu needs it
     ({"architecture": "DELETE"}, "architecture", "missing"),
 ])
 def test_jax_spec_inconsistent(jax_dir, changes, key, found):

@@ -28,7 +28,7 @@ def write(tmp_path, text):
         ("train: {lr: -0.001}\n", [], "train.lr: expected a finite number > 0, found -0.001"),
         ("sae: {architecture: topk, d_in: 8, expansion: 2, k: 17}\n", [], "sae.k: expected 1 <= k <= N = 16 for topk, found 17"),
         ("data: {source: disk, disk: {path: /no/such/acts}}\n", [], "data.disk.path: expected an existing file or folder"),
-        ("", ["sae.architecture=gated"], "sae.architecture: expected 'relu' or 'topk', found 'gated'"),
+        ("", ["sae.architecture=gated"], "sae.architecture: expected 'relu' or 'topk' or 'batchtopk' or 'jumprelu' or 'matryoshka', found 'gated'"),
         ("", ["train"], "--set train: expected key.path=value"),
         ("[1, 2]\n", [], "expected a mapping at the top level"),
     ],

@@ -100,4 +100,6 @@ def test_held_out_metrics_at_intervals_and_at_the_end(tmp_path):
     for _ in range(cfg.train.scale_batches + cfg.train.steps):
         source.next_batch()
     x = np.concatenate([source.next_batch() for _ in range(3)])
+    truth = final.pop("ground_truth")  # synthetic runs add the ground-truth scores (sae_jax.groundtruth)
     assert final == {"tokens": 96, **quick_eval(load_sae(tmp_path / "sae"), x)}
+    assert truth["n_true_features"] == 512 and truth["tokens"] == 4 * 32

@@ -88,8 +88,14 @@ def _synthetic(cfg, args: argparse.Namespace) -> int:
     say(f"scoring {sae_dir} on {n} batches of {cfg.data.batch_size} fresh {cfg.data.source} activations")
     result = score(sae, source, n, cfg)
     print(f"SAE {sae_dir} on {cfg.data.source} data ({result['tokens']} tokens)")
+    truth = result.pop("ground_truth", None)
     for k, v in result.items():
         print(f"  {k:24s} {v:.6g}" if isinstance(v, float) else f"  {k:24s} {v}")
+    if truth is not None:
+        from sae_jax.groundtruth import summary
+
+        print(summary(truth))
+        result["ground_truth"] = truth
     if args.out:
         from sae_jax.atomic import atomic_write_text
 

@@ -1,0 +1,59 @@
+"""batchtopk (Bussmann, Leask & Nanda 2024): the B*k largest ReLU'd pre-activations of the whole batch are kept.
+
+Loss |x - x_hat|^2 + alpha AuxK, as topk. A token may hold more or fewer than k codes; the batch holds B*k.
+Inference cannot see the batch, so a global threshold theta is kept as a running estimate of the smallest
+kept activation, theta <- (1 - r) theta + r min(kept) after every step (r = `sae.batchtopk_threshold_lr`,
+0.01 as in SAELens), starting at 0; the SAE exports as jumprelu with that theta for every latent (how SAELens
+saves it). theta lives in `params.threshold` (N equal entries): no gradient reaches it, the step sets it.
+Decoder rows free by default, as SAELens trains it: Bussmann 2024's unit-norm rows (`sae.unit_norm_decoder`)
+recovered fewer true features on the realistic synthetic set (k = 4: 0.45 against 0.79 with free rows,
+tests/test_arch_recovery.py's set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sae_jax.arch import Recipe, batch_topk, decode, pre_activations
+from sae_jax.loss import LossParts, auxk_error, squared_error
+from sae_jax.sae import Forward
+
+
+def forward(params, spec, x, k: int, dtype: str = "float32") -> Forward:
+    """x: [B, D] scaled -> Forward with the training code: B*k kept over the batch."""
+    pre = pre_activations(params, spec, x, dtype)
+    f = batch_topk(pre, k)
+    return Forward(decode(params, f, dtype), f, pre)
+
+
+def with_auxk(params, x, out: Forward, recon, ctx) -> tuple[jax.Array, tuple[Forward, LossParts]]:
+    """recon + alpha AuxK: the topk family's loss around a reconstruction term `recon` []."""
+    t = ctx.t
+    residual = jax.lax.stop_gradient(x - out.x_hat)
+    aux = auxk_error(params, out.pre, residual, ctx.dead, t.auxk_k, t.compute_dtype, ctx.s.auxk_normalize)
+    parts = LossParts(recon + t.auxk_coefficient * aux, squared_error(x, out.x_hat), jnp.zeros((), jnp.float32), aux)
+    return parts.loss, (out, parts)
+
+
+def loss(params, spec, x, ctx):
+    out = forward(params, spec, x, ctx.s.k, ctx.t.compute_dtype)
+    x = x.astype(jnp.float32)
+    return with_auxk(params, x, out, squared_error(x, out.x_hat), ctx)
+
+
+def update_threshold(params, out: Forward, s):
+    """theta moved toward the smallest kept activation of this batch (unchanged if nothing was kept)."""
+    smallest = jnp.min(jnp.where(out.f > 0, out.f, jnp.inf))
+    r = s.batchtopk_threshold_lr
+    theta = params.threshold
+    new = jnp.where(jnp.isfinite(smallest), (1 - r) * theta + r * smallest, theta)
+    return dataclasses.replace(params, threshold=new.astype(theta.dtype))
+
+
+RECIPE = Recipe(
+    name="batchtopk", inference="jumprelu", loss=loss, needs_k=True,
+    init_threshold=lambda s: 0.0, update=update_threshold,
+)

@@ -1,0 +1,98 @@
+"""jumprelu (Rajamanoharan et al. 2024, Gemma Scope): f_i = pre_i if pre_i > theta_i else 0, theta [N] trained.
+
+The step has no gradient, so theta learns through straight-through pseudo-derivatives with a rectangle
+kernel K(u) = 1{|u| < 1/2} of bandwidth eps (`sae.jumprelu_bandwidth`):
+  d f_i / d pre_i = 1{pre_i > theta_i},   d f_i / d theta_i = -(theta_i / eps) K((pre_i - theta_i) / eps),
+  d H(pre_i - theta_i) / d theta_i = -(1 / eps) K((pre_i - theta_i) / eps),   d H / d pre_i = 0.
+Loss |x - x_hat|^2 + lambda S + lambda_p P, lambda = `sae.l0_coefficient` warmed up over
+`sae.l0_warmup_frac` of training. S, by `sae.jumprelu_sparsity`: "l0", sum_i H(pre_i - theta_i) (the paper);
+"tanh", sum_i tanh(c f_i |W_dec,i|) (Anthropic, January 2025; c = `sae.jumprelu_tanh_scale`).
+P = sum_i relu(theta_i - pre_i) |W_dec,i| (Anthropic's pre-activation loss, `sae.jumprelu_pre_act_coefficient`):
+it pulls up latents that never reach their threshold, which revives dead ones. theta is a parameter itself,
+not log-theta (SAELens: log-theta barely moves under Adam), kept >= 0 after each step. Defaults follow
+SAELens's (theta_0 0.01, eps 0.05) for inputs at mean norm sqrt(D), the units this trainer uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sae_jax.arch import Recipe, decode, pre_activations, ramp
+from sae_jax.loss import LossParts, squared_error
+from sae_jax.sae import Forward
+
+
+def rectangle(u: jax.Array) -> jax.Array:
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jump(pre: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
+    """pre: [B, N], theta: [N] -> f [B, N] = pre * H(pre - theta), with the straight-through gradients above."""
+    return jnp.where(pre > theta, pre, 0.0)
+
+
+def _jump_fwd(pre, theta, eps):
+    return jump(pre, theta, eps), (pre, theta)
+
+
+def _jump_bwd(eps, res, g):
+    pre, theta = res
+    d_theta = jnp.sum(-(theta / eps) * rectangle((pre - theta) / eps) * g, axis=0)
+    return jnp.where(pre > theta, g, 0.0), d_theta
+
+
+jump.defvjp(_jump_fwd, _jump_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step(pre: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
+    """pre: [B, N], theta: [N] -> H(pre - theta) [B, N] float32; gradient to theta only."""
+    return (pre > theta).astype(jnp.float32)
+
+
+def _step_fwd(pre, theta, eps):
+    return step(pre, theta, eps), (pre, theta)
+
+
+def _step_bwd(eps, res, g):
+    pre, theta = res
+    return jnp.zeros_like(pre), jnp.sum(-(1.0 / eps) * rectangle((pre - theta) / eps) * g, axis=0)
+
+
+step.defvjp(_step_fwd, _step_bwd)
+
+
+def loss(params, spec, x, ctx):
+    s, t = ctx.s, ctx.t
+    pre = pre_activations(params, spec, x, t.compute_dtype)
+    theta = params.threshold.astype(jnp.float32)
+    f = jump(pre, theta, s.jumprelu_bandwidth)
+    out = Forward(decode(params, f, t.compute_dtype), f, pre)
+    x = x.astype(jnp.float32)
+    recon = squared_error(x, out.x_hat)
+    dec_norms = jnp.linalg.norm(params.W_dec.astype(jnp.float32), axis=1)
+    if s.jumprelu_sparsity == "tanh":
+        sparsity = jnp.mean(jnp.sum(jnp.tanh(s.jumprelu_tanh_scale * f * dec_norms), axis=-1))
+    else:
+        sparsity = jnp.mean(jnp.sum(step(pre, theta, s.jumprelu_bandwidth), axis=-1))
+    total = recon + ramp(s.l0_coefficient, s.l0_warmup_frac, t.steps, ctx.step) * sparsity
+    if s.jumprelu_pre_act_coefficient > 0:
+        total = total + s.jumprelu_pre_act_coefficient * jnp.mean(jax.nn.relu(theta - pre) @ dec_norms)
+    parts = LossParts(total, recon, sparsity, jnp.zeros((), jnp.float32))
+    return parts.loss, (out, parts)
+
+
+def clamp_threshold(params, out, s):
+    """theta >= 0: a negative threshold would pass negative codes."""
+    return dataclasses.replace(params, threshold=jnp.maximum(params.threshold, 0.0))
+
+
+RECIPE = Recipe(
+    name="jumprelu", inference="jumprelu", loss=loss, init_threshold=lambda s: s.jumprelu_init_threshold,
+    update=clamp_threshold,
+)
