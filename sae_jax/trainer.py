@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from sae_jax import sharding
+from sae_jax.adam import fused_adam
 from sae_jax.config import Config, TrainConfig
 from sae_jax.loss import sae_loss
 from sae_jax.sae import SAEParams, SAESpec, explained_variance, init_params
@@ -61,41 +62,18 @@ def l1_schedule(t: TrainConfig, step: jax.Array) -> jax.Array:
 
 
 def optimizer(t: TrainConfig) -> optax.GradientTransformation:
-    adam = optax.adam(lr_schedule(t), b1=t.adam_b1, b2=t.adam_b2)
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adam) if t.grad_clip > 0 else adam
+    """The optimizer the step applies: Adam on `lr_schedule`, after clipping to `grad_clip` (`adam.fused_adam`)."""
+    return fused_adam(lr_schedule(t), b1=t.adam_b1, b2=t.adam_b2, clip=t.grad_clip)
 
 
-def adam_update(grads: SAEParams, opt_state, params: SAEParams, t: TrainConfig, g_norm: jax.Array, ok: jax.Array):
-    """`optimizer(t).update` then `optax.apply_updates`, one pass per param; where `ok` is false nothing moves.
+def apply_optimizer(tx: optax.GradientTransformation, grads: SAEParams, opt_state, params: SAEParams, ok: jax.Array):
+    """`tx.update` then `optax.apply_updates`; where `ok` ([] bool) is false, params and state stay as they were.
 
-    The formulas are optax's (clip_by_global_norm, scale_by_adam,
-    scale_by_learning_rate), in its order, on optax's own state. Written out because XLA splits
-    optax's chain into several passes over each [N, D] array and copies the
-    donated moments; here each moment is updated in place and the param reads
-    the new moments. g_norm: [] the global norm of `grads`. -> (params, opt_state).
+    -> (params, opt_state). The selects are elementwise, so XLA fuses them into the update's own pass.
     """
-    b1, b2, eps = t.adam_b1, t.adam_b2, 1e-8
-    adam, sched = opt_state[1] if t.grad_clip > 0 else opt_state
-    count = optax.safe_increment(adam.count)
-    step_size = -lr_schedule(t)(sched.count)
-
-    # optax computes (g / g_norm) * clip; one scalar factor differs by an ulp and
-    # lets XLA fuse the clipping into both moment passes instead of writing it out.
-    factor = jnp.where(g_norm < t.grad_clip, 1.0, t.grad_clip / g_norm) if t.grad_clip > 0 else 1.0
-
-    def leaf(g, p, m, v):
-        g = g * jnp.asarray(factor, g.dtype)
-        m = jnp.where(ok, (1 - b1) * g + b1 * m, m)
-        v = jnp.where(ok, (1 - b2) * g**2 + b2 * v, v)
-        u = (m / (1 - b1**count).astype(m.dtype)) / (jnp.sqrt(v / (1 - b2**count).astype(v.dtype)) + eps)
-        return jnp.where(ok, jnp.asarray(p + jnp.asarray(step_size, u.dtype) * u).astype(p.dtype), p), m, v
-
-    new = jax.tree.map(leaf, grads, params, adam.mu, adam.nu)
-    params, mu, nu = (jax.tree.map(lambda n, i=i: n[i], new, is_leaf=lambda n: isinstance(n, tuple)) for i in range(3))
-    keep = lambda new, old: jnp.where(ok, new, old)
-    adam = optax.ScaleByAdamState(count=keep(count, adam.count), mu=mu, nu=nu)
-    sched = optax.ScaleByScheduleState(count=keep(optax.safe_increment(sched.count), sched.count))
-    return params, ((opt_state[0], (adam, sched)) if t.grad_clip > 0 else (adam, sched))
+    updates, new_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), (new_params, new_state), (params, opt_state))
 
 
 def init_state(cfg: Config) -> TrainState:
@@ -161,7 +139,7 @@ def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: S
     (loss, (out, parts)), grads = loss_and_grads(state, x, spec, t)
     fired = jnp.any(out.f > 0, axis=0)
     since = jnp.where(fired, 0, jnp.minimum(state.since_fired + x.shape[0], t.dead_tokens))
-    grad_norm = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads)))
+    grad_norm = optax.tree.norm(grads)  # the expression the clipping computes: XLA computes it once
     metrics = {
         "loss": loss,
         "recon": parts.recon,
@@ -181,7 +159,7 @@ def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: S
     )
     ok = what == 0
     # A non-finite step leaves params and optimizer state as they were; the loop decides what to do.
-    params, opt_state = adam_update(grads, state.opt_state, state.params, t, grad_norm, ok)
+    params, opt_state = apply_optimizer(optimizer(t), grads, state.opt_state, state.params, ok)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     first = jnp.where((state.first_bad[0] < 0) & ~ok, jnp.stack([state.step, what]), state.first_bad)
     new = TrainState(

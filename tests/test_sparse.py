@@ -20,7 +20,8 @@ import pytest
 
 from sae_jax.config import load_config
 from sae_jax.sparse import fits_sparse
-from sae_jax.trainer import adam_update, init_state, loss_and_grads, make_step, optimizer, spec_from_config
+from sae_jax import adam, trainer
+from sae_jax.trainer import apply_optimizer, init_state, loss_and_grads, lr_schedule, make_step, optimizer, spec_from_config
 
 TOL = 1e-5
 D, EXPANSION, B = 16, 8, 64  # N = 128
@@ -134,8 +135,8 @@ def test_sparse_training_follows_dense_for_8_steps(arch, encoder_grad):
 
 
 @pytest.mark.parametrize("grad_clip", [1.0, 1e-3, 0.0])  # clipping off, triggered, disabled
-def test_one_pass_adam_equals_optax(grad_clip):
-    """adam_update against optax.chain(clip_by_global_norm, adam) + apply_updates, both jitted, over 6 steps.
+def test_fused_adam_equals_optax(grad_clip):
+    """`optimizer()` (adam.fused_adam) against optax.chain(clip_by_global_norm, adam), both applied jitted, over 6 steps.
 
     Measured <= 1.6e-7 of each array's largest entry (float32 rounding: XLA
     fuses the two differently, and clipping is one factor g * (c / |g|) instead
@@ -143,26 +144,49 @@ def test_one_pass_adam_equals_optax(grad_clip):
     """
     cfg = config(**{"train.grad_clip": grad_clip, "train.lr_warmup_steps": 3})
     t, state = cfg.train, init_state(cfg)
-    ref = jax.jit(lambda g, o, p: (lambda u, o: (optax.apply_updates(p, u), o))(*optimizer(t).update(g, o, p)))
-    norm = lambda g: jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
-    ours = jax.jit(lambda g, o, p: adam_update(g, o, p, t, norm(g), jnp.bool_(True)))
+    ref_tx = adam.reference(lr_schedule(t), t.adam_b1, t.adam_b2, clip=t.grad_clip)
+    ref = jax.jit(lambda g, o, p: (lambda u, o: (optax.apply_updates(p, u), o))(*ref_tx.update(g, o, p)))
+    ours = jax.jit(lambda g, o, p: apply_optimizer(optimizer(t), g, o, p, jnp.bool_(True)))
     p_ref, o_ref, p, o = state.params, state.opt_state, state.params, state.opt_state
+    assert jax.tree.structure(o) == jax.tree.structure(ref_tx.init(p))  # checkpoints restore into either
     rng = np.random.default_rng(0)
     for _ in range(6):
         g = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(np.float32)), p)
         p_ref, o_ref = ref(g, o_ref, p_ref)
         p, o = ours(g, o, p)
     assert jax.tree.structure(o) == jax.tree.structure(o_ref)
-    adam, adam_ref = (o[1][0], o_ref[1][0]) if grad_clip else (o[0], o_ref[0])
-    assert int(adam.count) == int(adam_ref.count) == 6
+    adam_state, adam_ref = (o[1][0], o_ref[1][0]) if grad_clip else (o[0], o_ref[0])
+    assert int(adam_state.count) == int(adam_ref.count) == 6
     for a, b in zip(jax.tree.leaves((p, o)), jax.tree.leaves((p_ref, o_ref))):
         assert a.dtype == b.dtype and rel(a, b) <= 1e-6
 
 
-def test_one_pass_adam_not_ok_changes_nothing():
+def test_optimizer_not_ok_changes_nothing():
     cfg = config()
     state = init_state(cfg)
     g = jax.tree.map(jnp.ones_like, state.params)
-    p, o = adam_update(g, state.opt_state, state.params, cfg.train, jnp.float32(1.0), jnp.bool_(False))
+    p, o = apply_optimizer(optimizer(cfg.train), g, state.opt_state, state.params, jnp.bool_(False))
     for a, b in zip(jax.tree.leaves((p, o)), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_step_applies_whatever_optimizer_returns(monkeypatch):
+    """Swapping optax.adamw in for `optimizer`: weight decay 0 steps as Adam does (no clipping here), 0.1 moves the params.
+
+    AdamW's update is Adam's minus lr * wd * p, so after 3 steps at lr 1e-3 the params differ by about
+    3e-4 * |p|: far above float32 rounding (asserted <= 1e-6 for wd = 0 and >= 1e-5 for wd = 0.1).
+    """
+    cfg = config("relu", "dense", **{"train.grad_clip": 0.0})
+    x = batch()
+
+    def run():
+        state, step = state_with(cfg), make_step(cfg)
+        for _ in range(3):
+            state, _ = step(state, x, jnp.float32(1.0))
+        return jax.device_get(state.params)
+
+    adam_params = run()
+    for wd, low, high in [(0.0, 0.0, 1e-6), (0.1, 1e-5, 1.0)]:
+        monkeypatch.setattr(trainer, "optimizer", lambda t, wd=wd: optax.adamw(lr_schedule(t), t.adam_b1, t.adam_b2, weight_decay=wd))
+        got = run()
+        assert low <= max(rel(getattr(got, n), getattr(adam_params, n)) for n in ("W_enc", "W_dec")) <= high, wd

@@ -1,0 +1,55 @@
+"""Adam with global-norm clipping as one optax transformation whose update is a single pass per param.
+
+`fused_adam(lr, b1, b2, clip=c)` has the state of, and computes what,
+`optax.chain(optax.clip_by_global_norm(c), optax.adam(lr, b1, b2))` does
+(`optax.adam` alone when c is 0), so checkpoints written with either restore
+into the other. It exists because XLA splits optax's chain into several passes
+over each [N, D] array and copies the donated moments; here each moment is
+updated in place and the update reads the new moments, all in one loop.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def reference(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float, eps: float = 1e-8, clip: float = 0.0):
+    """The optax chain `fused_adam` reproduces: its state layout and, up to rounding, its updates."""
+    adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+    return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
+
+
+def fused_adam(
+    learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, clip: float = 0.0
+) -> optax.GradientTransformation:
+    """`reference(...)` with its update written out as one elementwise pass per param (updates = -lr * m_hat / ...)."""
+    ref = reference(learning_rate, b1, b2, eps, clip)
+    schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+    def update(grads, state, params=None):
+        del params
+        adam, sched = state[1] if clip > 0 else state
+        count = optax.safe_increment(adam.count)
+        step_size = -jnp.asarray(schedule(sched.count), jnp.float32)
+        # optax computes (g / |g|) * clip; one scalar factor differs by an ulp and lets XLA
+        # fuse the clipping into both moment passes instead of writing the clipped gradient out.
+        g_norm = optax.tree.norm(grads) if clip > 0 else None
+        factor = jnp.where(g_norm < clip, 1.0, clip / g_norm) if clip > 0 else 1.0
+
+        def leaf(g, m, v):
+            g = g * jnp.asarray(factor, g.dtype)
+            m = (1 - b1) * g + b1 * m
+            v = (1 - b2) * g**2 + b2 * v
+            u = (m / (1 - b1**count).astype(m.dtype)) / (jnp.sqrt(v / (1 - b2**count).astype(v.dtype)) + eps)
+            return step_size.astype(u.dtype) * u, m, v
+
+        new = jax.tree.map(leaf, grads, adam.mu, adam.nu)
+        is_triple = lambda n: isinstance(n, tuple)
+        updates, mu, nu = (jax.tree.map(lambda n, i=i: n[i], new, is_leaf=is_triple) for i in range(3))
+        adam = optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+        sched = optax.ScaleByScheduleState(count=optax.safe_increment(sched.count))
+        return updates, ((state[0], (adam, sched)) if clip > 0 else (adam, sched))
+
+    return optax.GradientTransformation(ref.init, update)
