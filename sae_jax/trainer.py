@@ -20,7 +20,7 @@ from sae_jax.adam import fused_adam
 from sae_jax.config import Config, TrainConfig
 from sae_jax.loss import sae_loss
 from sae_jax.sae import SAEParams, SAESpec, explained_variance, init_params
-from sae_jax.sparse import fits_sparse, sparse_value_and_grad
+from sae_jax import sparse
 
 
 @jax.tree_util.register_dataclass
@@ -115,6 +115,19 @@ def _init_state(cfg: Config) -> TrainState:
 NONFINITE = {1: "input activations", 2: "loss", 3: "gradients"}
 
 
+# `train.kernel: auto` takes the sparse kernel when N is at least this many times its per-token budget
+# (relu: sparse_k_max, topk: k); below it the [B, K] gathers cost about what the dense products save.
+AUTO_SPARSE_RATIO = 16
+
+
+def kernel(spec: SAESpec, t: TrainConfig) -> str:
+    """The kernel the step compiles: 'dense' or 'sparse' (`train.kernel`, with 'auto' resolved from the shape)."""
+    if t.kernel != "auto":
+        return t.kernel
+    budget = {"relu": t.sparse_k_max, "topk": spec.k}.get(spec.architecture)
+    return "sparse" if budget and spec.n_latents >= AUTO_SPARSE_RATIO * budget else "dense"
+
+
 def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfig):
     """x: [B, D] scaled -> ((loss, (forward, parts)), grads): what the step differentiates.
 
@@ -128,9 +141,28 @@ def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfi
         auxk_coefficient=t.auxk_coefficient,
         compute_dtype=t.compute_dtype,
     )
-    if t.kernel == "sparse":
-        return sparse_value_and_grad(state.params, spec, x, **kw, k_max=t.sparse_k_max, encoder_grad=t.sparse_encoder_grad)
+    if kernel(spec, t) == "sparse":
+        return sparse.sparse_value_and_grad(state.params, spec, x, **kw, k_max=t.sparse_k_max, encoder_grad=t.sparse_encoder_grad)
     return jax.value_and_grad(lambda p: sae_loss(p, spec, x, **kw), has_aux=True)(state.params)
+
+
+def kernel_metrics(out_pre: jax.Array, spec: SAESpec, t: TrainConfig) -> dict[str, jax.Array]:
+    """pre: [B, N] -> which way the step went, as [] float32 metrics.
+
+    kernel_sparse: 1 when the sparse kernel is compiled in. sparse_token_fraction:
+    the tokens its sparse path took. relu adds dense_fallback (1: the whole step
+    ran dense, more than `sparse.dense_rows` tokens were over sparse_k_max) and
+    over_budget_fraction (the tokens over sparse_k_max, each handled densely).
+    """
+    on = kernel(spec, t) == "sparse"
+    m = {"kernel_sparse": jnp.float32(on), "sparse_token_fraction": jnp.float32(on)}
+    if on and spec.architecture == "relu":
+        B, N = out_pre.shape
+        n_rows, k_max = sparse.dense_rows(B), min(t.sparse_k_max, N)
+        path, over = sparse.route(out_pre, k_max, n_rows)
+        m.update(sparse_token_fraction=sparse.sparse_token_fraction(path, B, n_rows),
+                 dense_fallback=(path == 2).astype(jnp.float32), over_budget_fraction=over.astype(jnp.float32) / B)
+    return m
 
 
 def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: SAESpec, t: TrainConfig):
@@ -151,9 +183,7 @@ def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: S
         "auxk": parts.auxk,
         "grad_norm": grad_norm,
     }
-    if t.kernel == "sparse" and spec.architecture == "relu":
-        # 1 when a token had more than sparse_k_max active latents and the step ran dense.
-        metrics["dense_fallback"] = 1.0 - fits_sparse(out.pre, t.sparse_k_max).astype(jnp.float32)
+    metrics.update(kernel_metrics(out.pre, spec, t))
     what = jnp.where(
         ~jnp.all(jnp.isfinite(x)), 1, jnp.where(~jnp.isfinite(loss), 2, jnp.where(~jnp.isfinite(grad_norm), 3, 0))
     )
