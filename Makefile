@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m sae_jax.demo demo
-	$(PY) train.py --config configs/demo.yaml
+	$(VENV)/bin/sae-jax train --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

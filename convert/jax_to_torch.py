@@ -1,43 +1,22 @@
-"""Convert an SAE (sae-jax directory, or any format load_sae reads) to a release .pt/.safetensors file or a SAELens folder.
+"""Convert an SAE to a release .pt/.safetensors file or a SAELens folder (`sae-jax convert`; a folder means saelens).
 
-An input_scale other than 1 is folded into the weights: these formats take raw activations.
+`--format pt|safetensors|saelens` is `sae-jax convert --to`.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-from sae_jax.formats import SAEFormatError, load_sae, quiet_orbax, save_sae
-
-_BY_SUFFIX = {".pt": "pt", ".pth": "pt", ".safetensors": "safetensors"}
+from sae_jax.cli import main as cli
+from sae_jax.cli.convert import SUFFIXES
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("src", help="sae-jax directory (spec.json + params/), or any format load_sae reads")
-    p.add_argument("dst", help="file or folder to write")
-    p.add_argument("--format", choices=("pt", "safetensors", "saelens"), help="default: pt for *.pt/*.pth, safetensors for *.safetensors, else saelens")
-    p.add_argument("--model-name", help="SAELens metadata.model_name, e.g. meta-llama/Llama-3.2-1B-Instruct")
-    p.add_argument("--context-size", type=int, help="SAELens metadata.context_size (tokens per training sequence)")
-    p.add_argument("--dataset-path", help="SAELens metadata.dataset_path, e.g. lmsys/lmsys-chat-1m")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    args = p.parse_args(argv)
-    quiet_orbax()
-    fmt = args.format or _BY_SUFFIX.get(Path(args.dst).suffix, "saelens")
-    fields = {"model_name": args.model_name, "context_size": args.context_size, "dataset_path": args.dataset_path}
-    metadata = {k: v for k, v in fields.items() if v is not None}
-    try:
-        sae = load_sae(args.src)
-        dst = save_sae(sae, args.dst, fmt, overwrite=args.overwrite, metadata=metadata or None)
-    except (SAEFormatError, OSError) as e:
-        print(f"jax_to_torch: error: {e}", file=sys.stderr)
-        return 1
-    s = sae.spec
-    print(f"wrote {dst} ({fmt}: {s.architecture}, D={s.d_in}, N={s.n_latents}, {s.dtype}, input_scale {s.input_scale} folded)"
-          if s.input_scale != 1.0 else f"wrote {dst} ({fmt}: {s.architecture}, D={s.d_in}, N={s.n_latents}, {s.dtype})")
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--to" if a == "--format" else a for a in argv]
+    positional = [a for a in argv if not a.startswith("-")]
+    if "--to" not in argv and len(positional) >= 2 and Path(positional[1]).suffix not in SUFFIXES:
+        argv += ["--to", "saelens"]
+    return cli(["convert", *argv], prog="jax_to_torch.py", error_prefix="jax_to_torch")
 
 
 if __name__ == "__main__":

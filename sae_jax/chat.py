@@ -9,6 +9,8 @@ gives for the whole string (tested), and the turn of every token is known.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from sae_jax.tokenizer import special_ids
@@ -90,3 +92,18 @@ def check_turn(message, i: int) -> tuple[str, str]:
         raise ValueError(f"conversation[{i}].content: expected a string, found {type(content).__name__}")
     return role, content
 
+
+def read_conversation(path: str) -> list:
+    """A JSON list of {role, content}, or an object (or first jsonl row) with a 'conversation' list."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a JSON conversation)")
+    text = p.read_text()
+    try:
+        value = json.loads(text.splitlines()[0] if p.suffix == ".jsonl" else text)
+    except (json.JSONDecodeError, IndexError):
+        raise ValueError(f"{path}: expected JSON, found unparseable text") from None
+    value = value.get("conversation") if isinstance(value, dict) else value
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: expected a list of {{role, content}} turns or an object with 'conversation', found {type(value).__name__}")
+    return value

@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from sae_jax.formats.common import cause, first_line
+from sae_jax.errors import cause, first_line
 from sae_jax.sharding import to_host
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import reprlib
 import sys
 import types
@@ -19,8 +20,7 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
-    """A bad config: the message names the key path, what was expected and what was found."""
+from sae_jax.errors import ConfigError, choices
 
 
 def opt(default: Any, help: str) -> Any:
@@ -330,7 +330,7 @@ def from_dict(cls, data: dict, path: str = ""):
     prefix = f"{path}." if path else ""
     for key in data:
         if key not in names:
-            raise ConfigError(f"{prefix}{_plain(key)}: unknown key; expected one of {sorted(names)}")
+            raise ConfigError(f"{prefix}{_plain(key)}: unknown key; {choices(names, str(key))}")
     return cls(**{k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()})
 
 
@@ -374,6 +374,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level, found {type(data).__name__}")
+        _resolve_paths(data, p.parent)
     for o in overrides:
         apply_override(data, o)
     cfg = from_dict(Config, data)
@@ -381,9 +382,29 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+# Keys holding paths. In a config file they are relative to the file's folder: run.out_dir always, the others
+# when they name something there or start with ./ or ../ (else they stay as written: a hub id like
+# lmsys/lmsys-chat-1m, or llama3-offline). `--set` values are relative to the working directory.
+PATH_KEYS = ("data.model.path", "data.text.path", "data.text.tokenizer", "data.disk.path", "run.out_dir")
+
+
+def _resolve_paths(data: dict, folder: Path) -> None:
+    for key in PATH_KEYS:
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        value = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            continue
+        joined = Path(os.path.normpath(folder / value))
+        if key == "run.out_dir" or joined.exists() or value.startswith(("./", "../")):
+            node[name] = str(joined)
+
+
 def describe(cls=Config, path: str = "") -> list[str]:
     """One line per field: key path, default and its documentation."""
-    lines = []
+    lines = [] if path else ["# Paths in a config file are relative to its folder; --set paths to the working directory."]
     for f in dataclasses.fields(cls):
         key = f"{path}{f.name}"
         t = typing.get_type_hints(cls)[f.name]

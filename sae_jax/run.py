@@ -27,24 +27,27 @@ from tqdm import tqdm
 from sae_jax import sharding
 from sae_jax.checkpoint import Checkpoints
 from sae_jax.config import Config, ConfigError, to_dict
+from sae_jax.errors import NonFiniteError
 from sae_jax.data import Source, make_source
-from sae_jax.evaluate import quick_eval
+from sae_jax.errors import Interrupted
+from sae_jax.metrics import quick_eval
 from sae_jax.sae import SAE, fold_input_scale
 from sae_jax.trainer import NONFINITE, TrainState, abstract_state, init_state, make_step, spec_from_config
 from sae_jax.atomic import atomic_write_text, remove_leftovers
 
 
-class NonFiniteError(RuntimeError):
-    """Training met a non-finite loss, gradient or input and the config says stop."""
-
-
 @dataclasses.dataclass
 class RunResult:
-    state: TrainState
+    state: TrainState | None  # None when the run was already complete
     scale: float  # the input scale the params were trained at
     run_dir: Path
-    sae: SAE | None  # the exported SAE (raw-activation units), None if stopped early
+    sae: SAE | None  # the exported SAE (raw-activation units), None if stopped early or already complete
     start: int  # the step this call began at: 0, or the checkpoint it resumed from
+    complete: bool = False  # the run was already finished: nothing was trained, exported or evaluated
+
+    @property
+    def state_step(self) -> int:
+        return int(self.state.step) if self.state is not None else self.start
 
 
 def estimate_scale(source: Source, n_batches: int, d_in: int) -> float:
@@ -138,29 +141,59 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
-def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> RunResult:
+def _quiet(line: str) -> None:
+    pass
+
+
+def is_complete(cfg: Config) -> bool:
+    """Whether `run.out_dir` already holds this run, finished: its last checkpoint, exported SAE and eval.json."""
+    run_dir = Path(cfg.run.out_dir)
+    if not (run_dir / "sae" / "spec.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    if cfg.run.eval_batches and not (run_dir / "eval.json").is_file():
+        return False
+    _check_same_run(run_dir, cfg)
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit())
+    return bool(steps) and steps[-1] == cfg.train.steps
+
+
+def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True, say=_quiet) -> RunResult:
     """Train (or resume) the run `cfg` describes. `stop_after`: return after that step without a final save, as if killed.
 
+    `say(line)` hears each phase (loading, resuming, compiling, exporting). A run already complete returns at
+    once. The config is checked against the data (the model's width and layers) before anything is written.
+    Ctrl-C waits for the checkpoint being written, then raises `Interrupted` naming the one kept.
     With `mesh.distributed`, every process calls this with the same `cfg` (sharding.start_distributed runs first).
     """
     if cfg.mesh.distributed:
         sharding.start_distributed()
-    run_dir = open_run_dir(cfg)
+    if stop_after is None and is_complete(cfg):
+        return RunResult(None, float("nan"), Path(cfg.run.out_dir), None, cfg.train.steps, complete=True)
+    say(f"opening the {cfg.data.source} source" + (f" (model {cfg.data.model.path})" if cfg.data.source == "llama" else ""))
     source = make_source(cfg)
+    run_dir = open_run_dir(cfg)
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.run.keep)
     metrics_path = run_dir / "metrics.jsonl"
     try:
         restored = ckpts.restore_latest(abstract_state(cfg))
         if restored:
             start, state, meta = restored
+            say(f"resuming {run_dir} from checkpoint {start}")
             scale = float(meta["scale"])
             source.restore(meta["data"])
         else:
             start, state = 0, init_state(cfg)
+            say(f"estimating the input scale from {cfg.train.scale_batches} batches of {cfg.data.batch_size} tokens")
             scale = estimate_scale(source, cfg.train.scale_batches, cfg.sae.d_in)
         if writes_files():
             _keep_metrics_until(metrics_path, start)
-        state = _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, progress)
+        try:
+            state = _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, progress, say)
+        except KeyboardInterrupt:
+            ckpts.wait()
+            last = ckpts.latest_step()
+            kept = f"checkpoint {last} kept" if last is not None else "no checkpoint was saved yet"
+            raise Interrupted(f"{kept}; rerun the same command to resume") from None
     finally:
         try:
             ckpts.wait()
@@ -171,18 +204,32 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     if done:
         from sae_jax.formats import save_sae
 
+        say(f"exporting the SAE to {run_dir / 'sae'}")
         sae = exported_sae(state, cfg, scale, str(run_dir))
         if writes_files():
             save_sae(sae, run_dir / "sae", format="jax", overwrite=True)
             if cfg.run.eval_batches:
-                final_eval(sae, source, cfg.run.eval_batches, run_dir / "eval.json")
+                say(f"held-out evaluation on {cfg.run.eval_batches} unseen batches")
+                final_eval(sae, source, cfg.run.eval_batches, run_dir / "eval.json", cfg)
     return RunResult(state, scale, run_dir, sae, start)
 
 
-def final_eval(sae: SAE, source: Source, n_batches: int, path: Path) -> dict:
-    """quick_eval of the exported SAE on the next `n_batches` (unseen) batches, written to `path`."""
+def score(sae: SAE, source: Source, n_batches: int, cfg: Config | None = None) -> dict:
+    """`quick_eval` of `sae` on the next `n_batches` batches of `source`; on synthetic data, the recovery of its
+    true directions too (the fraction whose best decoder row has cosine >= 0.9)."""
     x = np.concatenate([source.next_batch() for _ in range(n_batches)])
     result = {"tokens": int(x.shape[0]), **quick_eval(sae, x)}
+    dictionary = getattr(source, "dictionary", None)
+    if dictionary is not None:
+        from sae_jax.data.synthetic import recovered_fraction
+
+        result["recovered_fraction"] = recovered_fraction(dictionary, np.asarray(sae.params.W_dec, np.float32))
+    return result
+
+
+def final_eval(sae: SAE, source: Source, n_batches: int, path: Path, cfg: Config | None = None) -> dict:
+    """`score` of the exported SAE on the next `n_batches` (unseen) batches, written to `path`."""
+    result = score(sae, source, n_batches, cfg)
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     return result
 
@@ -196,12 +243,14 @@ def batch_placer(cfg: Config) -> Callable[[np.ndarray], jax.Array]:
     return lambda x: sharding.place_batch(mesh, x[rows])
 
 
-def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, progress) -> TrainState:
+def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, progress, say) -> TrainState:
     t, B = cfg.train, cfg.data.batch_size
     step_fn, put = make_step(cfg), batch_placer(cfg)
     scale_dev = jnp.float32(scale)
     end = t.steps if stop_after is None else min(t.steps, stop_after)
     bar = tqdm(total=t.steps, initial=start, disable=not progress or not writes_files(), unit="step", dynamic_ncols=True)
+    if start < end:
+        say(f"compiling the training step (B={B}, D={cfg.sae.d_in}, N={cfg.sae.n_latents}); the first step waits on it")
     last_time, last_step, skipped = time.perf_counter(), start, 0
     with open(metrics_path, "a") if writes_files() else contextlib.nullcontext() as mfile:
         pos = source.state()
@@ -228,9 +277,11 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
                 if mfile:
                     mfile.write(json.dumps(m) + "\n")
                     mfile.flush()
-                bar.set_postfix(
-                    tok_s=f"{m['tokens_per_s']:.3g}", loss=f"{m['loss']:.4g}", L0=f"{m['l0']:.1f}", EV=f"{m['explained_variance']:.3f}"
-                )
+                shown = dict(tok_s=f"{m['tokens_per_s']:.3g}", loss=f"{m['loss']:.4g}", L0=f"{m['l0']:.1f}",
+                             EV=f"{m['explained_variance']:.3f}", dead=f"{m['dead_fraction']:.3f}")
+                bar.set_postfix(shown)
+                if not progress and writes_files():
+                    say(f"step {done}/{t.steps}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
             if save_now:
                 ckpts.save(done, state, {"data": pos, "scale": scale})
             bar.update(1)

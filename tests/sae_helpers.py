@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import types
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,19 +45,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def entry_point(name: str):
-    """The root script `name`.py as a module, so its `main(argv)` runs in this process."""
-    spec = importlib.util.spec_from_file_location(f"entry_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The `sae-jax NAME` subcommand as an object whose `main(argv)` runs it in this process."""
+    from sae_jax.cli import main
+
+    return types.SimpleNamespace(main=lambda argv: main([name, *argv]))
 
 
 def run_entry(module, argv, capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `module.main(argv)` wrapped as the script wraps it."""
-    from sae_jax.cli import fail_in_one_line
-
+    """(exit code, stdout, stderr) of `module.main(argv)`, expected errors rendered as the command line does."""
     capsys.readouterr()
-    rc = fail_in_one_line(lambda: module.main([str(a) for a in argv]))
+    rc = module.main([str(a) for a in argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -80,3 +77,8 @@ def cli_workspace(root: Path, tokenizer) -> Workspace:
     sae = save_sae(exact_sae(64, 2), root / "sae")
     narrow = save_sae(exact_sae(32, 2), root / "narrow.safetensors", "safetensors")
     return Workspace(model, chats, sae, narrow)
+
+
+def without_progress(stderr: str) -> str:
+    """stderr without the progress lines (`sae-jax: ...`) the command line writes while it works."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("sae-jax: "))

@@ -8,20 +8,10 @@ import sys
 
 import pytest
 
-from sae_helpers import ROOT, cli_workspace, entry_point, run_entry
+from sae_helpers import ROOT, cli_workspace, entry_point, run_entry, without_progress
 from sae_jax.config import TextConfig
 from sae_jax.evaluate import text_batches
 from sae_jax.tokenizer import llama3_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return llama3_tokenizer(tmp_path_factory.getbasetemp() / "sae_jax_cache")  # shared by this session's modules
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, tok):
-    return cli_workspace(tmp_path_factory.mktemp("evalcli"), tok)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +63,11 @@ def test_bad_input_is_one_line(ws, evaluate_py, capsys, tmp_path, change, messag
         args[k] = paths.get(v, v) if k != "--data" else tmp_path / "missing.jsonl"
     rc, out, err = run_entry(evaluate_py, [x for kv in args.items() for x in kv], capsys)
     assert (rc, out) == (1, "")
-    assert err == message.format(narrow=ws.narrow_sae, model=ws.model, sae=ws.sae, tmp=tmp_path) + "\n"
+    assert without_progress(err) == message.format(narrow=ws.narrow_sae, model=ws.model, sae=ws.sae, tmp=tmp_path) + "\n"
 
 
 def test_the_script_exits_1_with_one_line_and_no_traceback(ws, tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--sae", str(ws.narrow_sae), "--model", str(ws.model),
+    p = subprocess.run([sys.executable, "-m", "sae_jax", "evaluate", "--sae", str(ws.narrow_sae), "--model", str(ws.model),
                         "--data", str(ws.chats)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.returncode == 1 and p.stdout == ""
-    assert p.stderr == f"error: SAE {ws.narrow_sae} on model {ws.model}: width d_in expected the model's hidden size 64, found 32\n"
+    assert without_progress(p.stderr) == f"error: SAE {ws.narrow_sae} on model {ws.model}: width d_in expected the model's hidden size 64, found 32\n"

@@ -81,10 +81,10 @@ def test_density_histogram_draws_log10_of_the_latents_that_fired(tmp_path):
 
 def test_plot_curves_command(tmp_path):
     write_metrics(tmp_path / "metrics.jsonl", rows([10, 20]))
-    ok = subprocess.run([sys.executable, str(ROOT / "plot_curves.py"), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run([sys.executable, "-m", "sae_jax", "plot", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == (f"wrote {tmp_path / 'training_curves.png'}: 5 panels, 2 points; "
                          "last: loss 5, mse 0.05, l0 80, explained_variance 0.95, dead_fraction 0\n")
-    bad = subprocess.run([sys.executable, str(ROOT / "plot_curves.py"), str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "sae_jax", "plot", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr == f"error: {tmp_path / 'nope'}: no such file (expected a run directory or its metrics.jsonl)\n"

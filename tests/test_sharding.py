@@ -4,9 +4,8 @@ Also through `run.train`: batches placed by `sharding.place_batch`, and a run
 resumed on other meshes (one device -> 2 x 2 -> 1 x 4) from its checkpoints.
 Only one process: with several, each would pass `place_batch` its own rows.
 
-The device count is fixed when JAX starts, so the checks run in one
-subprocess (this file run as a script, XLA_FLAGS set before jax is imported)
-and the tests assert on the JSON it prints.
+The 4 devices are conftest.py's `jax_num_cpu_devices`; the checks run once per
+module (`report`) and the tests assert on what they found.
 
 Tolerance: sharding changes only the order of float32 sums (the gradient
 all-reduce over `data`, the N-contractions over `model`). Over 5 Adam steps at
@@ -19,11 +18,6 @@ stepping on its own quarter of the batch) moves params by ~1 of that scale
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 MESHES = {"one": (1, 1), "data": (4, 1), "model": (1, 4), "both": (2, 2)}
@@ -35,10 +29,7 @@ BIG = (256, 64)  # D, expansion: N = 16384, W_enc and W_dec 16 MiB each
 
 @pytest.fixture(scope="module")
 def report():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _checks()
 
 
 @pytest.mark.parametrize("arch,kernel", RUNS)
@@ -107,10 +98,10 @@ def test_run_resumed_on_other_meshes_continues_and_matches_one_device(report):
     assert r["resumed_rel_diff"] <= TOL, r
 
 
-# --- the subprocess ----------------------------------------------------------------------------
+# --- the checks ----------------------------------------------------------------------------
 
 
-def _worker() -> dict:
+def _checks() -> dict:
     import tempfile
 
     import jax
@@ -248,6 +239,3 @@ def _run_train() -> dict:
             "starts": starts, "placed": len(shardings), "placed_with_batch_sharding": all(shardings),
             "resumed_devices": len(resumed.state.params.W_enc.sharding.device_set), "steps": int(resumed.state.step)}
 
-
-if __name__ == "__main__":
-    print(json.dumps(_worker()))

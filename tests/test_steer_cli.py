@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sae_helpers import cli_workspace, entry_point, run_entry
+from sae_helpers import cli_workspace, entry_point, run_entry, without_progress
 from sae_jax.tokenizer import llama3_tokenizer
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    tok = llama3_tokenizer(tmp_path_factory.getbasetemp() / "sae_jax_cache")  # shared by this session's modules
-    return cli_workspace(tmp_path_factory.mktemp("steercli"), tok)
 
 
 @pytest.fixture(scope="module")
@@ -46,4 +40,4 @@ def test_bad_arguments(ws, steer_py, capsys, extra, message):
         assert e.value.code == 2 and "invalid choice: 'scale'" in capsys.readouterr().err
         return
     rc, out, err = run_entry(steer_py, args, capsys)
-    assert (rc, out, err) == (1, "", message + "\n")
+    assert (rc, out, without_progress(err)) == (1, "", message + "\n")

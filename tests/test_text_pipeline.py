@@ -20,11 +20,6 @@ SPECIAL = np.arange(128000, 128256)
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return llama3_tokenizer(tmp_path_factory.getbasetemp() / "sae_jax_cache")  # shared by this session's modules
-
-
-@pytest.fixture(scope="module")
 def chats(tmp_path_factory):
     path = write_demo_chats(tmp_path_factory.mktemp("data") / "chats.jsonl", 40, seed=0)
     return path, [json.loads(line)["conversation"] for line in path.read_text().splitlines()]

@@ -56,11 +56,54 @@ def test_help_config_documents_every_key():
     assert "sae.hook_site = 'input'" in r.stdout
 
 
+def test_no_config_prints_usage_and_starts_nothing(tmp_path):
+    r = run_train(cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("usage: train.py [-h] [--config CONFIG]")
+    assert r.stderr.splitlines()[-1] == "error: --config: expected a YAML config (for example configs/demo.yaml), found none"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    r = run_train("--config", write(tmp_path, "train: {l1_coeficient: 2}\n"))
+    assert r.returncode == 1
+    assert r.stderr == "error: train.l1_coeficient: unknown key; did you mean 'l1_coefficient'?\n"
+
+
+def test_config_paths_resolve_against_the_config_file(tmp_path):
+    from sae_jax.config import load_config
+
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.npy").write_bytes(b"")
+    p = tmp_path / "cfgs" / "c.yaml"
+    p.write_text("data: {source: disk, disk: {path: ../shards}}\nrun: {out_dir: ../runs/x}\n")
+    cfg = load_config(p, ["data.text.path=lmsys/lmsys-chat-1m"])
+    assert (cfg.data.disk.path, cfg.run.out_dir) == (str(tmp_path / "shards"), str(tmp_path / "runs" / "x"))
+    assert cfg.data.text.path == "lmsys/lmsys-chat-1m"  # --set values are as given (a hub id here)
+
+
 def test_train_cli_trains_resumes_and_exports(tmp_path):
-    args = ["--no-progress", "--set", f"run.out_dir={tmp_path / 'run'}", "--set", "sae.d_in=8", "--set", "sae.expansion=2",
+    args = ["--no-progress", "--config", write(tmp_path, "{}\n"), "--set", f"run.out_dir={tmp_path / 'run'}", "--set", "sae.d_in=8", "--set", "sae.expansion=2",
             "--set", "data.batch_size=16", "--set", "train.steps=6", "--set", "train.lr_warmup_steps=1", "--set", "run.save_every=3"]
     r = run_train(*args)
     assert r.returncode == 0, r.stderr
     assert f"trained 6 steps; SAE exported to {tmp_path / 'run' / 'sae'}" in r.stdout
-    r2 = run_train(*args)  # the same command again: nothing left to do, same result
+    before = {f: f.stat().st_mtime_ns for f in (tmp_path / "run").rglob("*")}
+    r2 = run_train(*args)  # the same command again: nothing left to do, same result, no file touched
     assert r2.returncode == 0 and "trained 6 steps" in r2.stdout
+    assert r2.stdout.splitlines()[0] == f"run {tmp_path / 'run'} is complete (6 steps); nothing to do"
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "run").rglob("*")} == before
+
+
+def test_config_contradicting_the_model_writes_nothing(tmp_path):
+    from llama_helpers import tiny
+
+    tiny(tmp_path / "model", num_hidden_layers=2)
+    (tmp_path / "chats.jsonl").write_text('{"conversation": [{"role": "user", "content": "hi"}]}\n')
+    cfg = write(tmp_path, f"sae: {{d_in: 8, expansion: 2, hook_layer: 1}}\ndata: {{source: llama, model: {{path: model}}, "
+                          f"text: {{path: chats.jsonl, tokenizer: llama3-offline}}}}\nrun: {{out_dir: run}}\n")
+    r = run_train("--no-progress", "--config", cfg)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1].startswith(f"error: sae.d_in: expected the hidden size of {tmp_path / 'model'}")
+    assert not (tmp_path / "run").exists()

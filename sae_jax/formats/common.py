@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,41 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax.errors import SAEFormatError, cause, error, first_line  # noqa: F401 (re-exported)
 from sae_jax.sae import DTYPES, SAE, SAEParams, SAESpec, Site
 
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-
-
-class SAEFormatError(ValueError):
-    """A file that cannot be read or written as an SAE. The message is one line naming the file."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
-
-def error(where: str | Path, key: str, expected: str, found: object) -> SAEFormatError:
-    """`where: key: expected ..., found ...`, the one shape of every message here."""
-    return SAEFormatError(f"{where}: {key}: expected {expected}, found {found}")
-
-
-def first_line(e: BaseException, limit: int = 160) -> str:
-    """`Type: first line of the message`, short enough for a one-line error (tensorstore's spec dump cut)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = text.split(" [tensorstore_spec=")[0]
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def cause(e: BaseException) -> str:
-    """Why a write failed, short: the OS's words where there are some, else `first_line(e)`.
-
-    tensorstore reports I/O failures as ValueError with the errno at the end (`[os_error_code='28']`),
-    safetensors as SafetensorError (`(os error 28)`).
-    """
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    code = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", str(e))
-    return os.strerror(int(code.group(1) or code.group(2))) if code else first_line(e)
 
 
 def check_tensors(where: str | Path, tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> str:

@@ -1,23 +1,23 @@
-"""Evaluate an SAE in its model on held-out text: reconstruction, sparsity, LM loss, and which site it fits.
+"""`sae-jax evaluate`: an SAE in its model on held-out text (reconstruction, sparsity, LM loss, site check).
 
-    python evaluate.py --sae PATH --model HF_DIR --data CHATS.jsonl [--tokens N] [--out DIR]
-    python evaluate.py --config configs/demo.yaml [--skip-rows 3000]     # model, text and run/sae from a train config
+    sae-jax evaluate --config configs/demo.yaml [--skip-rows 3000]   # model, text and run/sae from a train config
+    sae-jax evaluate --sae PATH --model HF_DIR --data CHATS.jsonl [--tokens N] [--out DIR]
 
 Prints a table; with --out writes eval.json, feature_density.npy and feature_density.png.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
-from sae_jax.cli import fail_in_one_line
+from sae_jax.cli.session import add_args, say
 
 
-def main(argv=None) -> int:
-    from sae_jax.session import add_args
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate an SAE in its model on held-out text", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p, model_required=False)
     p.add_argument("--config", help="a train config: its data.model, data.text and run.out_dir/sae are the defaults")
     p.add_argument("--data", help="held-out text: a local .jsonl/.json/.parquet file or a hub dataset id")
@@ -28,17 +28,19 @@ def main(argv=None) -> int:
     p.add_argument("--skip-rows", type=int, default=0, help="start this many rows into the data (hold out what training read)")
     p.add_argument("--tokens", type=int, default=100_000, help="kept tokens to evaluate on (default 100000)")
     p.add_argument("--no-lm", action="store_true", help="skip the LM losses (reconstruction, density and site check only)")
-    p.add_argument("--dense-threshold", type=float, default=0.1, help="a latent firing on more than this fraction of tokens is dense")
+    p.add_argument("--dense-threshold", type=float, default=0.1, help="a latent firing on more than this fraction is dense")
     p.add_argument("--out", help="folder to write eval.json, feature_density.npy and feature_density.png")
-    args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
     from sae_jax.config import TextConfig, load_config
-    from sae_jax.evaluate import evaluate, text_batches
-    from sae_jax.session import load_checked_tokenizer, open_session, tokenizer_name
+    from sae_jax.cli.session import load_checked_tokenizer, open_session, tokenizer_name
 
     text = TextConfig()
     if args.config:
         cfg = load_config(args.config)
+        if cfg.data.source != "llama":
+            return _synthetic(cfg, args)
         text = cfg.data.text
         args.model = args.model or cfg.data.model.path
         args.dtype = args.dtype or cfg.data.model.dtype
@@ -46,13 +48,18 @@ def main(argv=None) -> int:
     for name, value in (("--sae", args.sae), ("--model", args.model)):
         if not value:
             raise ValueError(f"{name}: expected a path (or --config), found none")
-    changes = dict(path=args.data, field=args.field, split=args.split, context_size=args.context_size, seqs_per_batch=args.seqs)
+    changes = dict(path=args.data, field=args.field, split=args.split, context_size=args.context_size,
+                   seqs_per_batch=args.seqs)
     changes = {k: v for k, v in changes.items() if v is not None}
     changes["tokenizer"] = args.tokenizer or (text.tokenizer if args.config else tokenizer_name(args.model, None))
     text = dataclasses.replace(text, **changes)
     text.check("data")
+
+    from sae_jax.evaluate import evaluate, text_batches
+
     s = open_session(args)
     tok = load_checked_tokenizer(text.tokenizer, s.model)
+    say(f"evaluating on {args.tokens} tokens of {text.path}")
     result = evaluate(s.model, s.sae, text_batches(text, args.skip_rows, tok), args.tokens, lm=not args.no_lm,
                       dense_threshold=args.dense_threshold)
     print(f"SAE {args.sae} on {args.model}, data {text.path}")
@@ -60,8 +67,34 @@ def main(argv=None) -> int:
     if args.out:
         out = result.save(args.out)
         print(f"wrote {out / 'eval.json'}, {out / 'feature_density.npy'}, {out / 'feature_density.png'}")
+    else:
+        print("next: add --out DIR to keep eval.json and the feature density plot")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(fail_in_one_line(main))
+def _synthetic(cfg, args: argparse.Namespace) -> int:
+    """A run on synthetic or stored activations: its SAE scored on fresh batches of the same source."""
+    import json
+
+    from sae_jax.data import make_source
+    from sae_jax.formats import load_sae, quiet_orbax
+    from sae_jax.run import score
+
+    quiet_orbax()
+    sae_dir = args.sae or str(Path(cfg.run.out_dir) / "sae")
+    sae = load_sae(sae_dir)
+    source = make_source(cfg)
+    n = max(1, -(-args.tokens // cfg.data.batch_size))
+    say(f"scoring {sae_dir} on {n} batches of {cfg.data.batch_size} fresh {cfg.data.source} activations")
+    result = score(sae, source, n, cfg)
+    print(f"SAE {sae_dir} on {cfg.data.source} data ({result['tokens']} tokens)")
+    for k, v in result.items():
+        print(f"  {k:24s} {v:.6g}" if isinstance(v, float) else f"  {k:24s} {v}")
+    if args.out:
+        from sae_jax.atomic import atomic_write_text
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out / 'eval.json'}")
+    return 0

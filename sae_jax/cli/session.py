@@ -1,8 +1,9 @@
-"""What the evaluate, steer and inspect entry points share: their model/SAE/tokenizer arguments and loading."""
+"""What the subcommands share: the model/SAE/tokenizer arguments, loading them, and progress lines."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,6 +14,22 @@ class Session(NamedTuple):
     model: object  # sae_jax.llama.Llama
     sae: object  # sae_jax.sae.SAE
     tokenizer_name: str  # a tokenizer folder or "llama3-offline"
+
+
+PROGRESS = "sae-jax: "  # every progress line starts so; an error line starts with "error: "
+
+
+def say(line: str) -> None:
+    """A progress line on stderr, so stdout keeps only results."""
+    print(PROGRESS + line, file=sys.stderr, flush=True)
+
+
+def sae_path(path: str) -> str:
+    """`path`, refused with the right path when it is a run directory rather than the SAE inside it."""
+    p = Path(path)
+    if p.is_dir() and (p / "sae" / "spec.json").is_file() and not (p / "spec.json").exists():
+        raise ValueError(f"--sae {path}: expected an SAE, found a run directory; its SAE is {p / 'sae'}")
+    return path
 
 
 def add_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -38,7 +55,8 @@ def open_session(args: argparse.Namespace) -> Session:
     from sae_jax.llama import load
 
     quiet_orbax()
-    sae = load_sae(args.sae, hook_layer=args.hook_layer, hook_site=args.hook_site)
+    say(f"loading SAE {args.sae} and model {args.model}")
+    sae = load_sae(sae_path(args.sae), hook_layer=args.hook_layer, hook_site=args.hook_site)
     model = load(args.model, dtype=args.dtype or "float32")
     check_compatible(sae, model, what=f"SAE {args.sae} on model {args.model}")
     return Session(model, sae, tokenizer_name(args.model, args.tokenizer))

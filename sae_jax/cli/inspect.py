@@ -1,53 +1,36 @@
-"""Look at what an SAE's latents respond to.
+"""`sae-jax inspect chat|contexts`: what an SAE's latents respond to.
 
-    python inspect_features.py chat --sae PATH --model HF_DIR --user "Hi" --assistant "Hello! How can I help?"
-    python inspect_features.py chat --sae PATH --model HF_DIR --conversation conv.json   # [{role, content}, ...]
-    python inspect_features.py contexts --sae PATH --model HF_DIR --data CHATS.jsonl --feature 12 --feature 40
+    sae-jax inspect chat --sae PATH --model HF_DIR --user "Hi" --assistant "Hello! How can I help?"
+    sae-jax inspect chat --sae PATH --model HF_DIR --conversation conv.json   # [{role, content}, ...]
+    sae-jax inspect contexts --sae PATH --model HF_DIR --data CHATS.jsonl --feature 12 --feature 40
 
 chat: the top latents by mean activation over the assistant's tokens, then token
 by token which of them fire above --threshold (the notebook's view).
 contexts: each latent's top-activating tokens over a dataset, with their context.
 """
 
+from __future__ import annotations
+
 import argparse
-import json
-import sys
-from pathlib import Path
 
-from sae_jax.cli import fail_in_one_line
+from sae_jax.cli.session import add_args, say
 
 
-def read_conversation(path: str) -> list:
-    """A JSON list of {role, content}, or an object (or first jsonl row) with a 'conversation' list."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: no such file (expected a JSON conversation)")
-    text = p.read_text()
-    try:
-        value = json.loads(text.splitlines()[0] if p.suffix == ".jsonl" else text)
-    except (json.JSONDecodeError, IndexError):
-        raise ValueError(f"{path}: expected JSON, found unparseable text") from None
-    value = value.get("conversation") if isinstance(value, dict) else value
-    if not isinstance(value, list):
-        raise ValueError(f"{path}: expected a list of {{role, content}} turns or an object with 'conversation', found {type(value).__name__}")
-    return value
-
-
-def main(argv=None) -> int:
-    from sae_jax.session import add_args
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    chat = sub.add_parser("chat", help="top features of one conversation, token by token")
+def add(sub) -> None:
+    p = sub.add_parser("inspect", help="top features of a conversation, or top contexts of features",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    views = p.add_subparsers(dest="view", metavar="VIEW", required=True)
+    chat = views.add_parser("chat", help="top features of one conversation, token by token")
     add_args(chat)
     chat.add_argument("--conversation", help="JSON file: [{role, content}, ...] or {conversation: [...]}")
     chat.add_argument("--system", help="a system message")
     chat.add_argument("--user", help="the user's message")
     chat.add_argument("--assistant", help="the assistant's reply")
     chat.add_argument("--top", type=int, default=10, help="how many top features (default 10)")
-    chat.add_argument("--threshold", type=float, default=0.0, help="show a feature on a token when above this (default 0)")
-    chat.add_argument("--role", choices=("system", "user", "assistant"), default="assistant", help="whose tokens to average over")
-    ctx = sub.add_parser("contexts", help="top-activating contexts of features over a dataset")
+    chat.add_argument("--threshold", type=float, default=0.0, help="show a feature on a token when above this")
+    chat.add_argument("--role", choices=("system", "user", "assistant"), default="assistant",
+                      help="whose tokens to average over (default assistant)")
+    ctx = views.add_parser("contexts", help="top-activating contexts of features over a dataset")
     add_args(ctx)
     ctx.add_argument("--data", required=True, help="a local .jsonl/.json/.parquet file or a hub dataset id")
     ctx.add_argument("--field", default="conversation", help="row field: {role, content} turns or a string")
@@ -58,13 +41,16 @@ def main(argv=None) -> int:
     ctx.add_argument("--after", type=int, default=4, help="tokens of context after (default 4)")
     ctx.add_argument("--context-size", type=int, default=256, help="tokens per sequence (default 256)")
     ctx.add_argument("--seqs", type=int, default=8, help="sequences per forward pass (default 8)")
-    args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
     from sae_jax import inspect_features as F
-    from sae_jax.session import load_checked_tokenizer, open_session, tokenizer_name
+    from sae_jax.chat import read_conversation
+    from sae_jax.cli.session import load_checked_tokenizer, open_session, tokenizer_name
 
-    if args.command == "chat":
-        turns = [{"role": r, "content": c} for r, c in (("system", args.system), ("user", args.user), ("assistant", args.assistant)) if c]
+    if args.view == "chat":
+        given = (("system", args.system), ("user", args.user), ("assistant", args.assistant))
+        turns = [{"role": r, "content": c} for r, c in given if c]
         if bool(args.conversation) == bool(turns):
             raise ValueError("conversation: expected --conversation FILE or --user/--assistant/--system text, found "
                              + ("both" if turns else "neither"))
@@ -87,11 +73,8 @@ def main(argv=None) -> int:
     for i in args.feature:
         F.check_feature(s.sae, i)
     tok = load_checked_tokenizer(text.tokenizer, s.model)
+    say(f"scanning {args.tokens} tokens of {args.data} for {len(args.feature)} features")
     found = F.top_contexts(s.model, s.sae, text_batches(text, 0, tok), args.feature, args.tokens,
                            top=args.top, before=args.before, after=args.after)
     print(F.format_contexts(found, tok))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(fail_in_one_line(main))

@@ -1,0 +1,58 @@
+"""`sae-jax train --config X.yaml`: train an SAE; rerunning the same command resumes from the newest checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sae_jax.cli.session import say
+
+
+def add(sub) -> None:
+    p = sub.add_parser("train", help="train an SAE from a YAML config", description=__doc__)
+    p.add_argument("--config", help="YAML config; omitted keys take their defaults (see --help-config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key: train.steps=500")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--no-progress", action="store_true", help="a plain line every run.log_every steps, no bar")
+    p.set_defaults(usage=p.format_usage)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sae_jax.config import describe, load_config
+
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    if not args.config:
+        print(args.usage().rstrip(), file=sys.stderr)
+        print("error: --config: expected a YAML config (for example configs/demo.yaml), found none", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, args.set)
+
+    from sae_jax.malloc import keep_freed_memory
+
+    keep_freed_memory()  # before any JAX computation; see sae_jax/malloc.py
+    from sae_jax.formats import quiet_orbax
+    from sae_jax.run import train, writes_files
+
+    quiet_orbax()
+    result = train(cfg, progress=not args.no_progress, say=say)
+    if not writes_files():  # one of several processes: process 0 reports
+        return 0
+    run_dir = result.run_dir
+    if result.complete:
+        print(f"run {run_dir} is complete ({int(result.state_step)} steps); nothing to do")
+    print(f"trained {int(result.state_step)} steps; SAE exported to {run_dir / 'sae'}")
+    summary = run_dir / "eval.json"
+    if summary.exists():
+        held_out = json.loads(summary.read_text())
+        print("held-out eval: " + ", ".join(f"{k} {v:.4g}" for k, v in held_out.items() if isinstance(v, (int, float))))
+    print(f"outputs: {run_dir / 'sae'} (the SAE), {run_dir / 'metrics.jsonl'}, {summary}, {run_dir / 'checkpoints'}")
+    print("next:")
+    config = f" --config {args.config}" if cfg.data.source == "llama" else ""
+    if cfg.data.source == "llama":
+        print(f"  sae-jax evaluate{config}")
+    print(f"  sae-jax plot {run_dir}")
+    print(f"  sae-jax convert {run_dir / 'sae'} {run_dir / 'release.safetensors'}")
+    return 0
