@@ -146,6 +146,10 @@ def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfi
     return jax.value_and_grad(lambda p: sae_loss(p, spec, x, **kw), has_aux=True)(state.params)
 
 
+# Metrics that metrics.jsonl gives as their mean over the steps since the previous line (run._loop).
+STEP_AVERAGED = ("sparse_token_fraction", "dense_fallback", "over_budget_fraction")
+
+
 def kernel_metrics(out_pre: jax.Array, spec: SAESpec, t: TrainConfig) -> dict[str, jax.Array]:
     """pre: [B, N] -> which way the step went, as [] float32 metrics.
 
@@ -153,6 +157,8 @@ def kernel_metrics(out_pre: jax.Array, spec: SAESpec, t: TrainConfig) -> dict[st
     the tokens its sparse path took. relu adds dense_fallback (1: the whole step
     ran dense, more than `sparse.dense_rows` tokens were over sparse_k_max) and
     over_budget_fraction (the tokens over sparse_k_max, each handled densely).
+    Logged, these three are means over the steps since the last line: the fraction
+    of tokens that went sparse, of steps that fell back to dense, of tokens over budget.
     """
     on = kernel(spec, t) == "sparse"
     m = {"kernel_sparse": jnp.float32(on), "sparse_token_fraction": jnp.float32(on)}
