@@ -5,9 +5,9 @@
 #   bench/gpu.sh --smoke    # anywhere (CPU too): tiny shapes, to check the script end to end
 #   bench/gpu.sh harvest    # only the named benchmarks (sae_step, harvest, pipeline), to fit a time limit
 #
-# MFU is against PEAK_TFLOPS, default 989: NVIDIA's H100 SXM dense bf16 figure; the SAE step counts
-# 10·D·N FLOPs per token dense, 4·D·N + 6·K·D sparse (bench/common.py: sae_train_flops_per_token)
-# (no sparsity). Set PEAK_TFLOPS=756 for an H100 PCIe, 989 also for an H200.
+# MFU is against PEAK_TFLOPS, default 989: NVIDIA's H100 SXM dense bf16 figure
+# (no sparsity). Set PEAK_TFLOPS=756 for an H100 PCIe, 989 also for an H200. The SAE step counts
+# 10·D·N FLOPs per token dense, 4·D·N + 6·K·D sparse (bench/common.py: sae_train_flops_per_token).
 # Needs JAX with CUDA (pip install -e '.[cuda12,test]'). Each benchmark's
 # output goes to the terminal and to $OUT (or bench/out/), ending in one JSON line.
 set -euo pipefail
