@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sae_jax import sharding
-from sae_jax.adam import fused_adam
+from sae_jax import adam, sharding
 from sae_jax.config import Config, TrainConfig
 from sae_jax.loss import sae_loss
 from sae_jax.sae import SAEParams, SAESpec, explained_variance, init_params
@@ -63,17 +62,18 @@ def l1_schedule(t: TrainConfig, step: jax.Array) -> jax.Array:
 
 def optimizer(t: TrainConfig) -> optax.GradientTransformation:
     """The optimizer the step applies: Adam on `lr_schedule`, after clipping to `grad_clip` (`adam.fused_adam`)."""
-    return fused_adam(lr_schedule(t), b1=t.adam_b1, b2=t.adam_b2, clip=t.grad_clip)
+    return adam.fused_adam(lr_schedule(t), b1=t.adam_b1, b2=t.adam_b2, clip=t.grad_clip)
 
 
 def apply_optimizer(tx: optax.GradientTransformation, grads: SAEParams, opt_state, params: SAEParams, ok: jax.Array):
     """`tx.update` then `optax.apply_updates`; where `ok` ([] bool) is false, params and state stay as they were.
 
-    -> (params, opt_state). The selects are elementwise, so XLA fuses them into the update's own pass.
+    -> (params, opt_state). Any optax transformation works (`adam.masking`); `adam.fused_adam` masks in its own
+    pass, so the donated moments are updated in place.
     """
-    updates, new_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), (new_params, new_state), (params, opt_state))
+    updates, new_state = adam.masking(tx).update(grads, opt_state, params, ok=ok)
+    new_params = jax.tree.map(lambda p, q: jnp.where(ok, p, q), optax.apply_updates(params, updates), params)
+    return new_params, new_state
 
 
 def init_state(cfg: Config) -> TrainState:
