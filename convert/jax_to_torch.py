@@ -1,6 +1,5 @@
-"""Convert an SAE to a release .pt/.safetensors file or a SAELens folder (`sae-jax convert`; a folder means saelens).
-
-`--format pt|safetensors|saelens` is `sae-jax convert --to`.
+"""Convert an SAE to a release .pt/.safetensors file, a SAELens folder or a sparsify hookpoint folder
+(`sae-jax convert`; a folder means saelens). `--format pt|safetensors|saelens|sparsify` is `sae-jax convert --to`.
 """
 
 import sys

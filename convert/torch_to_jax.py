@@ -1,4 +1,5 @@
-"""Convert a release .pt/.safetensors file, or a SAELens folder, to the sae-jax format (`sae-jax convert --to jax`)."""
+"""Convert a release .pt/.safetensors file, a SAELens folder or a sparsify hookpoint folder to the sae-jax format
+(`sae-jax convert --to jax`)."""
 
 import sys
 

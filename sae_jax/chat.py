@@ -1,19 +1,28 @@
 """Llama-3 Instruct chat formatting, token by token, with who said each token.
 
-`format_chat` builds the ids of
+A tokenizer whose chat template is its own (a model folder's, e.g.
+Llama-3.2-Instruct's, which opens every conversation with a dated system block)
+is rendered with `tokenizer.apply_chat_template`: the ids are exactly its ids,
+with `date` as the template's `date_string` ("Today Date: ..."; None lets the
+template choose: the day it runs where `strftime_now` exists). Who said each
+token comes from a second rendering with a marker in place of each content.
+
+The offline tokenizer (`llama3-offline`), and any tokenizer without a template,
+get the plain Llama-3 Instruct format, no system block and no date:
 `<|begin_of_text|>` + per turn `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content|trim}<|eot_id|>`
-from segments: special tokens split the rendered string, so tokenizing each
-piece between them gives exactly the ids `tokenizer.apply_chat_template`
-gives for the whole string (tested), and the turn of every token is known.
+built from segments: special tokens split the rendered string, so tokenizing
+each piece between them gives exactly the ids `apply_chat_template` gives for
+the whole string with that template (tested), and the turn of every token is known.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from sae_jax.tokenizer import special_ids
+from sae_jax.tokenizer import CHAT_TEMPLATE, special_ids
 
 ROLES = ("system", "user", "assistant")  # role id = index here
 FRAME = -1  # role id of BOS, header, role-name, "\n\n" and eot tokens
@@ -34,12 +43,17 @@ class ChatTokens(NamedTuple):
 
 
 class ChatFormatter:
-    """`format_chat` for one tokenizer, its special ids looked up once; `many` tokenizes in one call."""
+    """`format_chat` for one tokenizer, its special ids looked up once; `many` tokenizes in one call.
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    `date` (e.g. "26 Jul 2024") pins the date a dated template renders; templates without one ignore it.
+    """
+
+    def __init__(self, tokenizer, date: str | None = None):
+        self.tokenizer, self.date = tokenizer, date
         self.start, self.end, self.eot = (_special_id(tokenizer, t) for t in HEADER_AND_EOT)
         self.specials = special_ids(tokenizer)
+        template = getattr(tokenizer, "chat_template", None)
+        self.own_template = bool(template) and template != CHAT_TEMPLATE
 
     def __call__(self, conversation: Sequence[dict], add_generation_prompt: bool = False) -> ChatTokens:
         return self.many([conversation], add_generation_prompt)[0]
@@ -47,6 +61,8 @@ class ChatFormatter:
     def many(self, conversations: Sequence[Sequence[dict]], add_generation_prompt: bool = False) -> list[ChatTokens]:
         """`format_chat` of each conversation, with one tokenizer call for all their pieces."""
         turns = [[check_turn(m, i) for i, m in enumerate(conv)] for conv in conversations]
+        if self.own_template:
+            return self._templated(turns, add_generation_prompt)
         if add_generation_prompt:
             turns = [[*t, ("assistant", None)] for t in turns]  # the header and "\n\n", no content, no eot
         texts = [x for conv in turns for role, content in conv for x in (role, "\n\n" + (content or "").strip())]
@@ -69,9 +85,60 @@ class ChatFormatter:
         return ChatTokens(ids, roles, [i in self.specials for i in ids])
 
 
-def format_chat(tokenizer, conversation: Sequence[dict], add_generation_prompt: bool = False) -> ChatTokens:
-    """Token ids of `conversation` ([{role, content}, ...]) in the Llama-3 Instruct format."""
-    return ChatFormatter(tokenizer)(conversation, add_generation_prompt)
+    def _templated(self, turns: list[list[tuple[str, str]]], add_generation_prompt: bool) -> list[ChatTokens]:
+        """The tokenizer's own template: its text, tokenized in one call; roles from where each content landed."""
+        texts, spans = [], []
+        for conv in turns:
+            text, conv_spans = self._render(conv, add_generation_prompt) if conv else ("", [])
+            texts.append(text)
+            spans.append(conv_spans)
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for ids, offsets, conv_spans in zip(enc["input_ids"], enc["offset_mapping"], spans):
+            # A token is content where it starts inside a message's content; headers, dates and eot are FRAME.
+            roles = [next((r for a, b, r in conv_spans if a <= start < b), FRAME) for start, _ in offsets]
+            out.append(ChatTokens(list(ids), roles, [i in self.specials for i in ids]))
+        return out
+
+    def _render(self, conv: list[tuple[str, str]], add_generation_prompt: bool) -> tuple[str, list[tuple[int, ...]]]:
+        """(the template's text, [(start, end, role id)] of each message's content in it).
+
+        Rendered once as is and once with a marker in place of each content: the marked text splits into the
+        template's own pieces, and between them the real text holds each content as the template wrote it
+        (trimmed, or as given)."""
+        kwargs = {"date_string": self.date} if self.date is not None else {}
+        render = lambda c: self.tokenizer.apply_chat_template(
+            [{"role": r, "content": x} for (r, _), x in zip(conv, c)], tokenize=False,
+            add_generation_prompt=add_generation_prompt, **kwargs)
+        text = render([content for _, content in conv])
+        marked = re.split(r"\ue000(\d+)\ue001", render([f"\ue000{i}\ue001" for i in range(len(conv))]))
+        frames, order = marked[0::2], [int(i) for i in marked[1::2]]
+        name = getattr(self.tokenizer, "name_or_path", "")
+        if order != list(range(len(conv))):
+            raise ValueError(f"tokenizer {name!r}: chat template drops, repeats or reorders messages "
+                             f"(contents rendered in order {order}); cannot tell who said each token")
+        pos, spans = len(frames[0]), []
+        for i, (role, content) in enumerate(conv):
+            if not text.startswith(frames[i], pos - len(frames[i])):
+                break
+            found = next((c for c in (content.strip(), content) if text.startswith(c, pos)
+                          and text.startswith(frames[i + 1], pos + len(c))), None)
+            if found is None:
+                break
+            spans.append((pos, pos + len(found), ROLES.index(role)))
+            pos += len(found) + len(frames[i + 1])
+        if len(spans) != len(conv) or pos != len(text):
+            raise ValueError(f"tokenizer {name!r}: chat template changes message {len(spans)}'s content beyond "
+                             "trimming it; cannot tell who said each token")
+        return text, spans
+
+
+def format_chat(
+    tokenizer, conversation: Sequence[dict], add_generation_prompt: bool = False, date: str | None = None
+) -> ChatTokens:
+    """Token ids of `conversation` ([{role, content}, ...]): the tokenizer's own chat template where it has one
+    (its `date_string` pinned to `date` where given), else the plain Llama-3 Instruct format."""
+    return ChatFormatter(tokenizer, date)(conversation, add_generation_prompt)
 
 
 def _special_id(tokenizer, token: str) -> int:

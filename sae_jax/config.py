@@ -10,9 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import reprlib
-import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +17,8 @@ from typing import Any, Literal
 import yaml
 
 
-from sae_jax.errors import ConfigError, choices
+from sae_jax import typed
+from sae_jax.errors import ConfigError
 
 
 def opt(default: Any, help: str) -> Any:
@@ -98,6 +96,7 @@ class TextConfig:
     cache_dir: str | None = opt(None, "Where a non-streaming load writes its Arrow cache (null: the datasets default).")
     field: str = opt("conversation", "Row field: a list of {role, content} turns (chat-formatted) or a string (BOS + text).")
     tokenizer: str = opt("llama3-offline", "'llama3-offline' (built from llama-models' tiktoken file) or a tokenizer folder.")
+    chat_date: str | None = opt(None, "The date a tokenizer folder's dated chat template renders ('Today Date: ...' in Llama-3.2-Instruct's), e.g. '26 Jul 2024'; pin it for reproducible runs. null: the template's own choice (the day it runs). The offline tokenizer's plain Llama-3 format has no date.")
     context_size: int = opt(1024, "T, tokens per sequence (release: 1024).")
     seqs_per_batch: int = opt(8, "S, sequences per forward pass.")
     pack: bool = opt(False, "Concatenate rows and cut T-token chunks, instead of one truncated, padded row per sequence.")
@@ -245,93 +244,15 @@ def _in_unit(obj, path, name):
         raise ConfigError(f"{path}.{name}: expected 0 <= value <= 1, found {v}")
 
 
-# --- building typed config from plain data ----------------------------------------
-
-
-def _type_name(t) -> str:
-    if typing.get_origin(t) is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(t))
-    if typing.get_origin(t) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(t))
-    return "null" if t is type(None) else getattr(t, "__name__", str(t))
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlevel = 3
-
-
-_FLOAT_MAX = sys.float_info.max
-
-
-def _show(value) -> str:
-    """repr(value), cut short: YAML aliases let a small file hold a value whose repr is gigabytes."""
-    return _REPR.repr(value)
-
-
-def _plain(text) -> str:
-    """`text` as is when it prints on one line, else its repr: a key holding a newline would split the error."""
-    return text if isinstance(text, str) and text.isprintable() else _show(text)
-
-
-def _coerce(t, value, path: str):
-    """Value of type t from YAML data, or ConfigError naming the path."""
-    origin = typing.get_origin(t)
-    if dataclasses.is_dataclass(t):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, found {type(value).__name__} {_show(value)}")
-        return from_dict(t, value, path)
-    if origin is Literal:
-        if value not in typing.get_args(t):
-            raise ConfigError(f"{path}: expected {_type_name(t)}, found {_show(value)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(t):
-            try:
-                return _coerce(arg, value, path)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{path}: expected {_type_name(t)}, found {type(value).__name__} {_show(value)}")
-    if t is type(None):
-        if value is not None:
-            raise ConfigError(f"{path}: expected null, found {_show(value)}")
-        return None
-    if t is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, found {type(value).__name__} {_show(value)}")
-        return value
-    if t is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, found {type(value).__name__} {_show(value)}")
-        return value
-    if t is float:
-        if isinstance(value, str):
-            # PyYAML reads `1e-3` (no dot) as a string; researchers write it that way.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, found {type(value).__name__} {_show(value)}")
-        if isinstance(value, int) and abs(value) > _FLOAT_MAX or not math.isfinite(value):  # float(10**400) raises
-            raise ConfigError(f"{path}: expected a finite number, found {_show(value)}")
-        return float(value)
-    if t is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, found {type(value).__name__} {_show(value)}")
-        return value
-    raise TypeError(f"unsupported config type {t} at {path}")
+# --- building typed config from plain data: sae_jax.typed ----------------------------
 
 
 def from_dict(cls, data: dict, path: str = ""):
     """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    prefix = f"{path}." if path else ""
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{prefix}{_plain(key)}: unknown key; {choices(names, str(key))}")
-    return cls(**{k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()})
+    return typed.from_dict(cls, data, path, ConfigError)
+
+
+_show, _plain = typed.show, typed.plain
 
 
 def to_dict(cfg) -> dict:
@@ -382,13 +303,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-# Keys holding paths. In a config file they are relative to the file's folder: run.out_dir always, the others
+# Keys holding paths. In a config file they are relative to the file's folder: run.out_dir always (its default
+# too), the others
 # when they name something there or start with ./ or ../ (else they stay as written: a hub id like
 # lmsys/lmsys-chat-1m, or llama3-offline). `--set` values are relative to the working directory.
 PATH_KEYS = ("data.model.path", "data.text.path", "data.text.tokenizer", "data.disk.path", "run.out_dir")
 
 
 def _resolve_paths(data: dict, folder: Path) -> None:
+    """Resolve PATH_KEYS in `data` (from the file in `folder`) in place; run.out_dir even when left to its default."""
+    run = data.get("run", {}) if isinstance(data.get("run", {}), dict) else None
+    if run is not None and "out_dir" not in run:
+        data["run"] = {**run, "out_dir": RunConfig.out_dir}
     for key in PATH_KEYS:
         *sections, name = key.split(".")
         node = data

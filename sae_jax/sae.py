@@ -40,6 +40,9 @@ class SAESpec:
     input_scale: float = 1.0  # raw activations are multiplied by this before encoding
     source: str = ""  # where the weights came from (a path, a run directory)
     apply_b_dec_to_input: bool = False  # pre-encoder bias: encode x - b_dec (SAELens's flag; false for the release)
+    # A JSON object (text, so the spec stays hashable): what the SAE was trained on (model_name, hook_name,
+    # context_size, dataset_path, prepend_bos, sae_lens_version...), carried from format to format.
+    metadata: str = ""
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -184,8 +187,9 @@ def fold_input_scale(sae: SAE) -> SAE:
     return SAE(folded, dataclasses.replace(sae.spec, input_scale=1.0))
 
 
-def cast(sae: SAE, dtype: str) -> SAE:
-    """Store the params in `dtype` (one of DTYPES)."""
+def cast(sae: SAE, dtype) -> SAE:
+    """Store the params in `dtype` (one of DTYPES, as a string, numpy or JAX dtype)."""
+    dtype = jnp.dtype(dtype).name
     spec = dataclasses.replace(sae.spec, dtype=dtype)
     return SAE(jax.tree.map(lambda a: a.astype(jnp.dtype(dtype)), sae.params), spec)
 

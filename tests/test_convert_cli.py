@@ -53,7 +53,8 @@ def test_release_to_jax_to_safetensors_and_saelens(release, tmp_path):
     assert p.returncode == 0 and p.stdout.startswith(f"wrote {tmp_path / 'sl'} (saelens:"), p.stderr
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     assert cfg["hook_name"] == "blocks.9.hook_resid_post"
-    assert cfg["metadata"] == {"model_name": "meta-llama/Llama-3.2-1B-Instruct", "context_size": 1024, "hook_name": "blocks.9.hook_resid_post"}
+    assert cfg["metadata"] == {"model_name": "meta-llama/Llama-3.2-1B-Instruct", "context_size": 1024,
+                               "hook_name": "blocks.9.hook_resid_post", "sae_lens_version": "6.0.0"}
 
     p = run("torch_to_jax.py", tmp_path / "sl", tmp_path / "back")  # SAELens folder in: hook from its hook_name
     assert p.returncode == 0 and p.stdout.endswith("bfloat16, layer 9 output)\n")

@@ -52,7 +52,8 @@ def write_saelens_folder(folder, tensors, **cfg):
     folder.mkdir()
     save_file(tensors, folder / "sae_weights.safetensors")
     base = {"architecture": "standard", "d_in": D, "d_sae": N, "dtype": "float32", "apply_b_dec_to_input": False,
-            "normalize_activations": "none", "metadata": {"hook_name": "blocks.9.hook_resid_pre", "model_name": "m"}}
+            "normalize_activations": "none",
+            "metadata": {"hook_name": "blocks.9.hook_resid_pre", "model_name": "m", "sae_lens_version": "6.1.0"}}
     (folder / "cfg.json").write_text(json.dumps({**base, **cfg}))
     return folder
 
@@ -105,7 +106,7 @@ def test_saelens_to_jax_to_saelens_is_bit_exact(tmp_path, dtype):
         "architecture": "standard", "d_in": D, "d_sae": N, "dtype": dtype, "device": "cpu",
         "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
         "hook_name": "blocks.9.hook_resid_pre",
-        "metadata": {"model_name": "m", "hook_name": "blocks.9.hook_resid_pre"},
+        "metadata": {"model_name": "m", "hook_name": "blocks.9.hook_resid_pre", "sae_lens_version": "6.1.0"},
     }
 
 
@@ -116,7 +117,9 @@ def test_saelens_topk_at_resid_post_round_trips(tmp_path):
     assert (sae.spec.architecture, sae.spec.k, sae.spec.hook_layer, sae.spec.hook_site) == ("topk", 5, 12, "output")
     out = save_sae(sae, tmp_path / "out", "saelens")
     cfg = json.loads((out / "cfg.json").read_text())
-    assert (cfg["architecture"], cfg["k"], cfg["hook_name"], cfg["metadata"]) == ("topk", 5, "blocks.12.hook_resid_post", {"hook_name": "blocks.12.hook_resid_post"})
+    # No sae_lens_version: read as SAELens reads a pre-6.0 file (prepend_bos true); written as 6.0.
+    meta = {"hook_name": "blocks.12.hook_resid_post", "prepend_bos": True, "neuronpedia_id": None, "sae_lens_version": "6.0.0"}
+    assert (cfg["architecture"], cfg["k"], cfg["hook_name"], cfg["metadata"]) == ("topk", 5, "blocks.12.hook_resid_post", meta)
     assert_bits_equal(load_file(out / "sae_weights.safetensors"), ref)
 
 
@@ -129,31 +132,37 @@ def test_saelens_pre_v6_config_is_read(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_saelens_apply_b_dec_to_input_is_folded_into_b_enc(tmp_path, dtype):
+def test_saelens_apply_b_dec_to_input_is_held_not_folded(tmp_path, dtype):
     ref = saelens_tensors(DTYPES[dtype], seed=3, awkward=False)
     sae = load_sae(write_saelens_folder(tmp_path / "src", ref, apply_b_dec_to_input=True))
-    assert sae.spec.dtype == "float32"  # b_enc' is not representable in bf16/fp16
+    assert sae.spec.apply_b_dec_to_input and sae.spec.dtype == dtype  # no widened b_enc' = b_enc - b_dec @ W_enc
+    assert_bits_equal({k: torch.from_numpy(np.asarray(getattr(sae.params, k)).astype(np.float32)).to(v.dtype)
+                       for k, v in ref.items()}, ref)
     w = {k: v.double().numpy() for k, v in ref.items()}
     x = np.random.default_rng(0).normal(size=(4, D))
     expected = np.maximum((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0)  # SAELens: relu((x - b_dec) @ W_enc + b_enc)
     got = np.asarray(encode(sae, jnp.asarray(x, jnp.float32)), np.float64)
     assert (expected > 0).sum() > 10
     assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))  # fp32 sums of D=8 terms
+    out = save_sae(sae, tmp_path / "out", "saelens")
+    assert json.loads((out / "cfg.json").read_text())["apply_b_dec_to_input"] is True
+    assert_bits_equal(load_file(out / "sae_weights.safetensors"), ref)
 
 
-def test_saelens_fold_that_overflows_is_refused(tmp_path):
-    ref = saelens_tensors(torch.float32, awkward=True)  # the planted float32 max overflows b_dec @ W_enc
-    with pytest.raises(SAEFormatError) as e:
-        load_sae(write_saelens_folder(tmp_path / "src", ref, apply_b_dec_to_input=True))
-    assert "b_enc" in str(e.value) and "apply_b_dec_to_input" in str(e.value)
-
-
-def test_saelens_zero_b_dec_keeps_the_stored_dtype(tmp_path):
-    ref = saelens_tensors(torch.bfloat16)
-    ref["b_dec"].zero_()
+def test_release_export_of_a_pre_encoder_bias_folds_in_float64_or_refuses(tmp_path):
+    ref = saelens_tensors(torch.float32, seed=3, awkward=False)
     sae = load_sae(write_saelens_folder(tmp_path / "src", ref, apply_b_dec_to_input=True))
-    assert sae.spec.dtype == "bfloat16"
-    assert np.array_equal(np.asarray(sae.params.b_enc).view(np.int16), ref["b_enc"].view(torch.int16).numpy())
+    out = load_sae(save_sae(sae, tmp_path / "r.safetensors", "safetensors"))
+    w = {k: v.double().numpy() for k, v in ref.items()}
+    b_enc = (w["b_enc"] - w["b_dec"] @ w["W_enc"]).astype(np.float32)  # float64, rounded once
+    assert np.array_equal(np.asarray(out.params.b_enc), b_enc) and not out.spec.apply_b_dec_to_input
+    with pytest.raises(SAEFormatError) as e:  # bfloat16 cannot hold the folded bias
+        save_sae(cast(sae, "bfloat16"), tmp_path / "b.safetensors", "safetensors")
+    assert "apply_b_dec_to_input" in str(e.value) and "float32" in str(e.value)
+    big = dict(ref, b_dec=torch.full((D,), 3e38))  # b_dec @ W_enc overflows float32
+    sae = load_sae(write_saelens_folder(tmp_path / "big", big, apply_b_dec_to_input=True))
+    with pytest.raises(SAEFormatError, match="b_enc: expected finite values"):
+        save_sae(sae, tmp_path / "big.pt", "pt")
 
 
 def small_sae(architecture="relu", dtype="float32", **spec) -> SAE:
@@ -170,7 +179,7 @@ def test_jax_format_keeps_every_spec_field_and_bit(tmp_path):
         ours, ref = np.asarray(getattr(loaded.params, name)), np.asarray(getattr(sae.params, name))
         assert ours.dtype == ref.dtype and np.array_equal(ours.view(np.int16), ref.view(np.int16)), name
     spec_json = json.loads((tmp_path / "sae" / "spec.json").read_text())
-    assert spec_json == {"format_version": 1, **dataclasses.asdict(sae.spec)}
+    assert spec_json == {"format_version": 1, **dataclasses.asdict(sae.spec), "metadata": {}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no temporary left beside it
 
 
@@ -253,4 +262,55 @@ def test_failed_write_keeps_the_old_output_and_leaves_nothing_else(tmp_path, mon
 def test_saelens_metadata_goes_into_cfg(tmp_path):
     meta = {"model_name": "meta-llama/Llama-3.2-1B-Instruct", "context_size": 1024, "dataset_path": "lmsys/lmsys-chat-1m"}
     out = save_sae(small_sae(), tmp_path / "sl", "saelens", metadata=meta)
-    assert json.loads((out / "cfg.json").read_text())["metadata"] == {**meta, "hook_name": "blocks.9.hook_resid_pre"}
+    expected = {**meta, "hook_name": "blocks.9.hook_resid_pre", "sae_lens_version": "6.0.0"}
+    assert json.loads((out / "cfg.json").read_text())["metadata"] == expected
+
+
+def jumprelu_sae(dtype="float32") -> SAE:
+    s = SAESpec("jumprelu", D, N, dtype="float32", apply_b_dec_to_input=True, input_scale=2.5, hook_layer=4,
+                metadata=json.dumps({"model_name": "m", "context_size": 1024, "prepend_bos": False}))
+    p = init_params(jax.random.key(3), s)
+    p = dataclasses.replace(p, b_dec=jnp.linspace(-1000, 1000, D), threshold=jnp.linspace(0, 1, N))
+    return cast(SAE(p, s), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jax_format_keeps_jumprelu_threshold_pre_bias_and_metadata(tmp_path, dtype):
+    sae = jumprelu_sae(dtype)
+    loaded = load_sae(save_sae(sae, tmp_path / "sae", metadata={"dataset_path": "lmsys/lmsys-chat-1m"}))
+    expected_meta = {"model_name": "m", "context_size": 1024, "prepend_bos": False,
+                     "dataset_path": "lmsys/lmsys-chat-1m"}
+    assert loaded.spec == dataclasses.replace(sae.spec, metadata=json.dumps(expected_meta, sort_keys=True),
+                                              source=str(tmp_path / "sae"))
+    assert json.loads((tmp_path / "sae" / "spec.json").read_text())["metadata"] == expected_meta
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        ours, ref = np.asarray(getattr(loaded.params, name)), np.asarray(getattr(sae.params, name))
+        assert ours.dtype == ref.dtype and ours.tobytes() == ref.tobytes(), name
+
+
+def test_dtypes_are_accepted_as_strings_numpy_and_jax(tmp_path):
+    src = save_sae(small_sae(), tmp_path / "a.safetensors", "safetensors")
+    for i, dtype in enumerate(["bfloat16", jnp.bfloat16, np.dtype(jnp.bfloat16), jnp.dtype("bfloat16")]):
+        assert load_sae(src, dtype=dtype).spec.dtype == "bfloat16"
+        assert cast(small_sae(), dtype).spec.dtype == "bfloat16"
+        out = save_sae(small_sae(), tmp_path / f"{i}.safetensors", "safetensors", dtype=dtype)
+        assert load_sae(out).spec.dtype == "bfloat16"
+    for dtype in ["float32", np.float32, jnp.float32, np.dtype("float32")]:
+        assert load_sae(src, dtype=dtype).spec.dtype == "float32"
+    with pytest.raises(SAEFormatError, match=r"dtype: expected one of float32, bfloat16, float16 .*found int8"):
+        load_sae(src, dtype=np.int8)
+
+
+def test_formats_that_cannot_hold_an_architecture_refuse_it(tmp_path):
+    for fmt, name in [("pt", "a.pt"), ("safetensors", "a.safetensors")]:
+        with pytest.raises(SAEFormatError, match=f"architecture: expected relu for format {fmt}.*found jumprelu"):
+            save_sae(jumprelu_sae(), tmp_path / name, fmt)
+    for arch in ("relu", "jumprelu"):
+        sae = jumprelu_sae() if arch == "jumprelu" else small_sae()
+        with pytest.raises(SAEFormatError, match=f"architecture: expected topk for format sparsify.*found {arch}"):
+            save_sae(sae, tmp_path / "sp", "sparsify")
+    negative = jumprelu_sae()
+    negative = SAE(dataclasses.replace(negative.params, threshold=negative.params.threshold - 0.5), negative.spec)
+    with pytest.raises(SAEFormatError, match=r"threshold: expected >= 0 \(SAELens applies relu before the jump\)"):
+        save_sae(negative, tmp_path / "sl", "saelens")
+    assert list(tmp_path.iterdir()) == []

@@ -155,15 +155,19 @@ def test_unknown_suffix_and_missing_path(tmp_path):
     refused(tmp_path / "sae.bin", "suffix", "'.bin'")
     refused(tmp_path / "nothing.pt", "no such file")
     (tmp_path / "empty").mkdir()
-    refused(tmp_path / "empty", "expected spec.json (sae-jax) or cfg.json (SAELens)")
+    refused(tmp_path / "empty", "expected spec.json (sae-jax) or cfg.json (SAELens, sparsify)")
 
 
 # --- SAELens -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cfg,key,found", [
-    ({"architecture": "jumprelu"}, "architecture", '"jumprelu"'),
-    ({"architecture": "gated"}, "architecture", '"gated"'),
+    ({"architecture": "batchtopk"}, "architecture", '"batchtopk"'),
+    ({"architecture": "transcoder"}, "architecture", '"transcoder"'),
+    ({"normalize_activations": "layer_norm"}, "normalize_activations", '"layer_norm"'),
+    ({"normalize_activations": "constant_norm_rescale"}, "normalize_activations", '"constant_norm_rescale"'),
+    ({"normalize_activations": True}, "normalize_activations", "true"),
+    ({"reshape_activations": "hook_z"}, "reshape_activations", '"hook_z"'),
     ({"normalize_activations": "expected_average_only_in"}, "normalize_activations", '"expected_average_only_in"'),
     ({"metadata": {"hook_name": "blocks.9.hook_mlp_out"}}, "hook_name", '"blocks.9.hook_mlp_out"'),
     ({"metadata": {}}, "hook_name", "null"),
@@ -217,7 +221,7 @@ def edit_spec(folder: Path, **changes) -> None:
     ({"format_version": 2}, "format_version", "found 2"),
     ({"format_version": "DELETE"}, "format_version", "found null"),
     ({"hidden": 1}, "hidden", "extra key 'hidden'"),
-    ({"architecture": "jumprelu"}, "architecture", "found 'jumprelu'"),
+    ({"architecture": "jumprelu"}, "threshold", f"found arrays {['W_dec', 'W_enc', 'b_dec', 'b_enc']}"),
     ({"architecture": "DELETE"}, "architecture", "missing"),
 ])
 def test_jax_spec_inconsistent(jax_dir, changes, key, found):
@@ -270,7 +274,7 @@ def test_write_refusals(tmp_path):
         (dict(sae=small("topk"), path=tmp_path / "a.pt", format="pt"), "architecture", "expected relu for format pt"),
         (dict(sae=small(), path=tmp_path / "a.bin", format="pt"), "suffix", "'.bin'"),
         (dict(sae=small(), path=tmp_path / "a.pt", format="onnx"), "format", "'onnx'"),
-        (dict(sae=small(), path=tmp_path / "a.pt", format="pt", metadata={"model_name": "m"}), "metadata", "only with format saelens"),
+        (dict(sae=small(), path=tmp_path / "a.pt", format="pt", metadata={"model_name": "m"}), "metadata", "only with formats jax, saelens, sparsify"),
         (dict(sae=mislabelled, path=tmp_path / "j"), "W_enc", "expected dtype bfloat16", "found float32"),
         (dict(sae=small(), path=tmp_path / "sl", format="saelens", metadata={"context_size": np.int64(3)}), "metadata", "expected JSON values"),
         (dict(sae=with_inf, path=tmp_path / "j"), "W_enc", "found 1 NaN/inf (first at [0, 3])"),

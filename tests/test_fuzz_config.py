@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sae_jax.config import Config, ConfigError, load_config, to_dict
+from sae_jax.config import PATH_KEYS, Config, ConfigError, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 # The same 60 cases every run; SAE_FUZZ_EXAMPLES=5000 hunts with fresh random ones.
@@ -125,6 +125,12 @@ def check_outcome(path: Path | None, sets: list[str], data) -> None:
             for part in key.split("."):
                 held = getattr(held, part)
             want = float(value) if FIELDS[key] is float else value
+            if key in PATH_KEYS and isinstance(value, str) and value and not os.path.isabs(value):
+                # relative to the config file's folder: run.out_dir always, the others when they name something
+                # there or start with ./ or ../
+                joined = os.path.normpath(path.parent / value)
+                if key == "run.out_dir" or os.path.exists(joined) or value.startswith(("./", "../")):
+                    want = joined
             assert held == want or (isinstance(want, float) and math.isnan(want) and math.isnan(held)), (key, value, held)
 
 

@@ -58,6 +58,7 @@ def templates(tmp_path_factory) -> dict[str, Path]:
         "pt": save_sae(sae, d / "release.pt", "pt"),
         "safetensors": save_sae(sae, d / "release.safetensors", "safetensors"),
         "saelens": save_sae(sae, d / "saelens", "saelens"),
+        "sparsify": save_sae(SAE(params, SAESpec("topk", D, N, k=2)), d / "layers.8", "sparsify"),
     }
 
 
@@ -128,9 +129,11 @@ def apply(how, f: Path) -> None:
 
 
 @fuzz(80)
-@given(fmt=st.sampled_from(["jax", "pt", "safetensors", "saelens"]), which=st.floats(0, 1, exclude_max=True), how=damage)
+@given(fmt=st.sampled_from(["jax", "pt", "safetensors", "saelens", "sparsify"]), which=st.floats(0, 1, exclude_max=True),
+       how=damage)
 @example(fmt="jax", which=0.0, how=("bytes", b"[" * 100_000))  # spec.json nested deeper than Python recurses
 @example(fmt="saelens", which=0.0, how=("bytes", b"[" * 100_000))  # cfg.json likewise
+@example(fmt="sparsify", which=0.0, how=("bytes", b"[" * 100_000))
 @example(fmt="jax", which=0.0, how=("bytes", b'{"format_version": 1, "architecture": "relu", "d_in": 4.0, "n_latents": 8}'))
 @example(fmt="jax", which=0.0, how=("bytes", b'{"format_version": 1, "architecture": "relu", "d_in": true, "n_latents": 8}'))
 @example(fmt="saelens", which=0.0, how=("bytes", b'{"d_in": 4, "d_sae": 8, "hook_name": "blocks.9.hook_resid_pre", "architecture": []}'))
@@ -198,12 +201,13 @@ def release_ok(t: dict) -> bool:
     return valid_set(t, {"encoder.weight": (n, d), "encoder.bias": (n,), "decoder.weight": (d, n), "decoder.bias": (d,)}, d, n)
 
 
-def valid_set(t: dict, shapes: dict, d: int, n: int) -> bool:
+def valid_set(t: dict, shapes: dict, d: int, n: int, float64: bool = False) -> bool:
+    """float64: SAELens files may hold it (read as float32, one rounding that must stay finite)."""
     dtypes = {a.dtype.name for a in t.values()}
     return (
         d > 0 and n > 0 and set(t) == set(shapes)
         and all(t[k].shape == s for k, s in shapes.items())
-        and len(dtypes) == 1 and dtypes <= {"float32", "float16", "bfloat16"}
+        and len(dtypes) == 1 and dtypes <= {"float32", "float16", "bfloat16", *(["float64"] if float64 else [])}
         and all(np.isfinite(a.astype(np.float32)).all() for a in t.values())
     )
 
@@ -255,11 +259,13 @@ def test_saelens_tensors_load_exactly_when_valid(t, dims):
         (folder / "cfg.json").write_text(json.dumps(cfg))
         write_tensors(t, folder / "sae_weights.safetensors")
         out = load_outcome(folder)
-        ok = valid_set(t, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}, d_in, d_sae)
+        shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        ok = valid_set(t, shapes, d_in, d_sae, float64=True)
         assert isinstance(out, SAE) == ok, out if isinstance(out, str) else "loaded an invalid set"
         if ok:
             assert_valid(out)
-            assert all(np.asarray(getattr(out.params, k)).tobytes() == t[k].tobytes() for k in SAELENS_KEYS)
+            stored = lambda a: a.astype(np.float32) if a.dtype == np.float64 else a
+            assert all(np.asarray(getattr(out.params, k)).tobytes() == stored(t[k]).tobytes() for k in SAELENS_KEYS)
     finally:
         shutil.rmtree(d)
 

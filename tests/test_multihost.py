@@ -150,7 +150,7 @@ def test_train_py_on_two_processes_matches_one_device(runs):
     one, cli = losses(runs["one"]), losses(runs["cli"])
     assert sorted(cli) == [3, 6, 9, 12]
     p0, p1 = runs["cli_stdout"]  # with gloo's connection notes between
-    assert f"trained 12 steps; SAE exported to {runs['cli'] / 'sae'}\nheld-out eval: " in p0
+    assert f"trained 12 steps; SAE exported to {runs['cli'] / 'sae'}\nheld-out (" in p0
     assert "trained" not in p1 and "held-out" not in p1  # process 0 reports for both
     assert max(abs(cli[s] - one[s]) / abs(one[s]) for s in one) <= TOL
     # The final eval: the gathered, exported SAE on the same held-out batches (absolute below 1: a fraction may be 0).

@@ -83,8 +83,42 @@ def test_plot_curves_command(tmp_path):
     write_metrics(tmp_path / "metrics.jsonl", rows([10, 20]))
     ok = subprocess.run([sys.executable, "-m", "sae_jax", "plot", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout == (f"wrote {tmp_path / 'training_curves.png'}: 5 panels, 2 points; "
-                         "last: loss 5, mse 0.05, l0 80, explained_variance 0.95, dead_fraction 0\n")
+    assert ok.stdout == (f"{tmp_path.name}: 5 panels, 2 points; "
+                         f"last: loss 5, mse 0.05, l0 80, explained_variance 0.95, dead_fraction 0\nwrote {tmp_path / 'training_curves.png'}\n")
     bad = subprocess.run([sys.executable, "-m", "sae_jax", "plot", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr == f"error: {tmp_path / 'nope'}: no such file (expected a run directory or its metrics.jsonl)\n"
+
+
+def test_several_runs_overlay_with_their_held_out_points(tmp_path):
+    for name, steps in (("a", [10, 20, 30]), ("b", [10, 20])):
+        (tmp_path / name).mkdir()
+        evals = [dict(r, eval_l0=r["l0"] - 5.0) if r["step"] == 20 else r for r in rows(steps)]
+        write_metrics(tmp_path / name / "metrics.jsonl", evals)
+    data = plot_curves([tmp_path / "a", tmp_path / "b"], tmp_path / "both.png", ("l0", "mse"))
+    assert list(data) == ["a", "b"]
+    np.testing.assert_array_equal(data["a"]["l0"][1], [70, 80, 90])
+    np.testing.assert_array_equal(data["b"]["mse"][0], [10240, 20480])
+    assert (tmp_path / "both.png").read_bytes()[:8] == PNG
+    r = subprocess.run([sys.executable, "-m", "sae_jax", "plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                        str(tmp_path / "c.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.splitlines() == [
+        "a: 5 panels, 3 points; last: loss 3.333, mse 0.03333, l0 90, explained_variance 0.9667, dead_fraction 0",
+        "b: 5 panels, 2 points; last: loss 5, mse 0.05, l0 80, explained_variance 0.95, dead_fraction 0",
+        f"wrote {tmp_path / 'c.png'}"], r.stdout + r.stderr
+
+
+def test_density_axis_is_fixed_and_marks_dead_and_dense(tmp_path):
+    from matplotlib.figure import Figure
+
+    saved = {}
+    original = Figure.savefig
+    Figure.savefig = lambda fig, *a, **k: saved.setdefault("ax", fig.axes[0]) and original(fig, *a, **k)
+    try:
+        plot_density(np.array([0.0, 0.0, 0.5, 1e-3]), tmp_path / "d.png", dense_threshold=0.1, tokens=10_000)
+    finally:
+        Figure.savefig = original
+    ax = saved["ax"]
+    assert ax.get_yscale() == "log" and ax.get_xlim()[0] < -7 and ax.get_xlim()[1] > 0
+    assert [line.get_xdata()[0] for line in ax.get_lines()] == [-1.0]  # the dense threshold, log10(0.1)
+    assert max(p.get_height() for p in ax.patches) == 2  # the dead bar: two latents never fired

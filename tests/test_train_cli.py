@@ -1,5 +1,6 @@
 """`python train.py`: bad configs end in one line on stderr, non-zero exit, no traceback."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,26 @@ def test_config_contradicting_the_model_writes_nothing(tmp_path):
     assert r.returncode == 1
     assert r.stderr.splitlines()[-1].startswith(f"error: sae.d_in: expected the hidden size of {tmp_path / 'model'}")
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_names_the_checkpoint_kept(tmp_path):
+    import signal
+    import time
+
+    args = [sys.executable, str(ROOT / "train.py"), "--no-progress", "--config", write(tmp_path, "{}\n"),
+            "--set", f"run.out_dir={tmp_path / 'run'}", "--set", "sae.d_in=8", "--set", "sae.expansion=2",
+            "--set", "data.batch_size=16", "--set", "train.steps=100000", "--set", "train.lr_warmup_steps=1",
+            "--set", "run.save_every=5", "--set", "run.log_every=5", "--set", "run.eval_every=0"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    done = lambda: [c for c in (tmp_path / "run" / "checkpoints").glob("*") if c.name.isdigit()]  # finalized ones
+    while not done() and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted: checkpoint (\d+) kept; rerun the same command to resume", last), err
+    kept = int(last.split()[2])
+    assert kept % 5 == 0 and (tmp_path / "run" / "checkpoints" / str(kept)).is_dir()
+    assert "Traceback" not in err

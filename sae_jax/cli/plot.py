@@ -17,13 +17,16 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sae_jax.plots import plot_curves
+    from sae_jax.plots import plot_curves, run_name
 
     first = Path(args.metrics[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "training_curves.png"
-    data = plot_curves([Path(m) for m in args.metrics] if len(args.metrics) > 1 else first, out,
-                       tuple(args.metric) if args.metric else None)
-    last = ", ".join(f"{k} {v[-1]:.4g}" for k, (_, v) in data.items())
-    n = max(len(t) for t, _ in data.values())
-    print(f"wrote {out}: {len(data)} panels, {n} points; last: {last}")
+    runs = [Path(m) for m in args.metrics]
+    data = plot_curves(runs if len(runs) > 1 else first, out, tuple(args.metric) if args.metric else None)
+    per_run = data if len(runs) > 1 else {run_name(first): data}
+    for run, curves in per_run.items():
+        last = ", ".join(f"{k} {v[-1]:.4g}" for k, (_, v) in curves.items() if v.size)
+        n = max(len(t) for t, _ in curves.values())
+        print(f"{run}: {len(curves)} panels, {n} points; last: {last}")
+    print(f"wrote {out}")
     return 0

@@ -46,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {int(result.state_step)} steps; SAE exported to {run_dir / 'sae'}")
     summary = run_dir / "eval.json"
     if summary.exists():
-        held_out = json.loads(summary.read_text())
-        print("held-out eval: " + ", ".join(f"{k} {v:.4g}" for k, v in held_out.items() if isinstance(v, (int, float))))
+        print(held_out_line(json.loads(summary.read_text()), cfg.sae.n_latents))
     print(f"outputs: {run_dir / 'sae'} (the SAE), {run_dir / 'metrics.jsonl'}, {summary}, {run_dir / 'checkpoints'}")
     print("next:")
     config = f" --config {args.config}" if cfg.data.source == "llama" else ""
@@ -56,3 +55,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"  sae-jax plot {run_dir}")
     print(f"  sae-jax convert {run_dir / 'sae'} {run_dir / 'release.safetensors'}")
     return 0
+
+
+def held_out_line(e: dict, n_latents: int) -> str:
+    """eval.json in one line a reader can judge the SAE by."""
+    parts = [f"explained variance {e['explained_variance']:.4f}", f"L0 {e['l0']:.1f} of {n_latents} latents",
+             f"dead {100 * e['dead_fraction']:.1f}%", f"dense {100 * e['dense_fraction']:.1f}%", f"MSE {e['mse']:.4g}"]
+    if "recovered_fraction" in e:
+        parts.append(f"true directions recovered (cos >= 0.9) {100 * e['recovered_fraction']:.1f}%")
+    if "mcc" in e:
+        parts.append(f"MCC {e['mcc']:.3f}")
+    return f"held-out ({e['tokens']} unseen tokens, raw units): " + ", ".join(parts)

@@ -58,7 +58,7 @@ class TextSource:
         tok = self.tokenizer
         self.special = np.array(sorted(special_ids(tok)), dtype=np.int64)
         self.pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
-        self.chat = ChatFormatter(tok)
+        self.chat = ChatFormatter(tok, cfg.chat_date)
         self.epoch, self.row, self.offset = 0, 0, 0
         self._it: Iterator | None = None  # rows from `_read_start + len(_read)` on
         self._read_start, self._read = 0, []  # tokens of the rows read ahead, from row `_read_start`

@@ -14,16 +14,21 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
+from sae_jax import typed
 from sae_jax.errors import SAEFormatError, cause, error, first_line  # noqa: F401 (re-exported)
 from sae_jax.sae import DTYPES, SAE, SAEParams, SAESpec, Site
 
-PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")  # every architecture's; jumprelu adds "threshold"
 
 
-def check_tensors(where: str | Path, tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """Check keys, shapes, one supported dtype and finite values; return the dtype name."""
+def check_tensors(
+    where: str | Path, tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], float64: bool = False
+) -> str:
+    """Check keys, shapes, one supported dtype (float64 too where `float64`) and finite values; return its name."""
+    accepted = DTYPES + ("float64",) if float64 else DTYPES
     expected_keys = sorted(shapes)
     for key in shapes:
         if key not in tensors:
@@ -38,8 +43,8 @@ def check_tensors(where: str | Path, tensors: Mapping[str, np.ndarray], shapes: 
             hint = " (transposed)" if tuple(a.shape) == tuple(shape)[::-1] and len(shape) == 2 else ""
             raise error(where, key, f"shape {list(shape)}", f"{list(a.shape)}{hint}")
         name = np.dtype(a.dtype).name
-        if name not in DTYPES:
-            raise error(where, key, f"dtype one of {', '.join(DTYPES)}", name)
+        if name not in accepted:
+            raise error(where, key, f"dtype one of {', '.join(accepted)}", name)
         if dtype is not None and name != dtype:
             raise error(where, key, f"dtype {dtype} like the other tensors", name)
         dtype = name
@@ -57,13 +62,86 @@ def check_finite(where: str | Path, key: str, a: np.ndarray) -> None:
 
 
 def to_numpy(params: SAEParams) -> dict[str, np.ndarray]:
-    """Params as host numpy arrays, bit for bit, keyed by PARAM_NAMES."""
-    return {name: np.asarray(jax.device_get(getattr(params, name))) for name in PARAM_NAMES}
+    """Params as host numpy arrays, bit for bit, keyed by PARAM_NAMES (and "threshold" where there is one)."""
+    names = PARAM_NAMES if params.threshold is None else (*PARAM_NAMES, "threshold")
+    return {name: np.asarray(jax.device_get(getattr(params, name))) for name in names}
 
 
 def from_numpy(arrays: Mapping[str, np.ndarray]) -> SAEParams:
-    """Params from numpy arrays keyed by PARAM_NAMES, bit for bit."""
-    return SAEParams(**{name: jnp.asarray(np.ascontiguousarray(arrays[name])) for name in PARAM_NAMES})
+    """Params from numpy arrays keyed by PARAM_NAMES (and "threshold" where there is one), bit for bit."""
+    names = [n for n in (*PARAM_NAMES, "threshold") if n in arrays]
+    return SAEParams(**{name: jnp.asarray(np.ascontiguousarray(arrays[name])) for name in names})
+
+
+def dtype_name(dtype, where: str | Path = "dtype") -> str:
+    """"float32", "bfloat16" or "float16" from a string, numpy or JAX dtype; else a one-line SAEFormatError."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = repr(dtype)
+    if name not in DTYPES:
+        raise error(where, "dtype", f"one of {', '.join(DTYPES)} (a string, numpy or JAX dtype)", name)
+    return name
+
+
+def np_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a DTYPES name (bfloat16 through ml_dtypes)."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def widened(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every array in float64: exact for all of DTYPES, so folds below round only once, at the end."""
+    return {k: np.asarray(v).astype(np.float64) for k, v in arrays.items()}
+
+
+def rounded(where: str | Path, a64: Mapping[str, np.ndarray], dtype: str) -> tuple[dict[str, np.ndarray], bool]:
+    """float64 arrays rounded once to `dtype`, checked finite; and whether every value came through unchanged."""
+    out = {}
+    with np.errstate(over="ignore"):  # an overflow is reported by check_finite
+        for key, a in a64.items():
+            out[key] = a.astype(np_dtype(dtype))
+            check_finite(where, key, out[key])
+    return out, all(np.array_equal(out[k].astype(np.float64), a) for k in out)
+
+
+def narrowed(where: str | Path, a64: Mapping[str, np.ndarray], dtype: str) -> tuple[dict[str, np.ndarray], str]:
+    """A read fold's float64 result in the stored `dtype` where that holds it exactly, else in float32
+    (one rounding): a bfloat16 rounding of a folded weight would change which latents fire."""
+    out, exact = rounded(where, a64, dtype)
+    if exact or dtype == "float32":
+        return out, dtype
+    return rounded(where, a64, "float32")[0], "float32"
+
+
+def fold_input_scale_exactly(a64: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """float64 params of raw activations: `input_scale` moved into W_enc (and out of W_dec, b_dec).
+
+    With the pre-encoder bias the encoder sees `c x - b_dec = c (x - b_dec / c)`, so the same b_dec / c
+    serves both sides; pre-activations, hence the threshold, are unchanged.
+    """
+    c = float(scale)
+    return {**a64, "W_enc": a64["W_enc"] * c, "W_dec": a64["W_dec"] / c, "b_dec": a64["b_dec"] / c}
+
+
+def fold_pre_bias(a64: dict[str, np.ndarray], sign: int = 1) -> dict[str, np.ndarray]:
+    """float64 params: sign 1 removes the pre-encoder bias (`b_enc - b_dec @ W_enc`, for `x @ W_enc + b_enc'`);
+    sign -1 adds one (`b_enc + b_dec @ W_enc`, for `(x - b_dec) @ W_enc + b_enc'`). The same function exactly."""
+    return {**a64, "b_enc": a64["b_enc"] - sign * (a64["b_dec"] @ a64["W_enc"])}
+
+
+def metadata_of(spec: SAESpec) -> dict:
+    """spec.metadata as a dict (empty where there is none)."""
+    return json.loads(spec.metadata) if spec.metadata else {}
+
+
+def metadata_text(where: str | Path, meta: Mapping[str, object] | None) -> str:
+    """A metadata mapping as SAESpec.metadata's JSON text ("" for none); non-JSON values refused in one line."""
+    if not meta:
+        return ""
+    try:
+        return json.dumps(dict(meta), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise error(where, "metadata", "JSON values", first_line(e)) from None
 
 
 def transposed(a: np.ndarray) -> np.ndarray:
@@ -96,10 +174,4 @@ def check_sae(sae: SAE, where: str | Path) -> None:
 
 def read_json_object(path: Path) -> dict:
     """The JSON object in `path`, or a one-line SAEFormatError naming the file."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
-        raise SAEFormatError(f"{path}: unreadable JSON ({first_line(e)})") from None
-    if not isinstance(raw, dict):
-        raise error(path, "top level", "a JSON object", type(raw).__name__)
-    return raw
+    return typed.read_json_object(path, SAEFormatError)

@@ -1,9 +1,10 @@
 """Our own format: a directory with `spec.json` and `params/`, an orbax checkpoint.
 
-`spec.json` holds every SAESpec field plus `format_version`; `params/` holds
-`{W_enc, b_enc, W_dec, b_dec}` in `spec.dtype`. The spec is kept as is,
-`input_scale` included: the SAE still takes raw activations, and the scale is
-folded only when exporting to formats that cannot record it.
+`spec.json` holds every SAESpec field plus `format_version` (`metadata` as a
+JSON object); `params/` holds `{W_enc, b_enc, W_dec, b_dec}` (jumprelu adds
+`threshold`) in `spec.dtype`. The spec is kept as is, `input_scale` and
+`apply_b_dec_to_input` included: the SAE still takes raw activations, and the
+scale is folded only when exporting to formats that cannot record it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from sae_jax.formats.common import PARAM_NAMES, SAEFormatError, check_finite, error, first_line, make_spec, read_json_object, with_hook
+from sae_jax.formats.common import (
+    SAEFormatError, check_finite, error, first_line, make_spec, metadata_of, metadata_text, read_json_object, with_hook,
+)
 from sae_jax.sae import SAE, SAEParams, SAESpec, Site
 
 SPEC = "spec.json"
@@ -30,9 +33,9 @@ _FIELDS = {f.name for f in dataclasses.fields(SAESpec)}
 
 def write_jax(sae: SAE, folder: Path) -> None:
     """Write `spec.json` and `params/` into the existing empty `folder`."""
-    spec = {"format_version": FORMAT_VERSION, **dataclasses.asdict(sae.spec)}
+    spec = {"format_version": FORMAT_VERSION, **dataclasses.asdict(sae.spec), "metadata": metadata_of(sae.spec)}
     (folder / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
-    params = {name: getattr(sae.params, name) for name in PARAM_NAMES}
+    params = {name: getattr(sae.params, name) for name in sae.spec.shapes()}
     # This process alone writes (process 0 of a multi-process run): orbax must not wait for the others.
     alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
     with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:  # leaving the block waits for the async write
@@ -60,9 +63,9 @@ def load_jax(folder: Path, hook_layer: int | None = None, hook_site: Site | None
         raise
     except Exception as e:  # orbax and tensorstore raise many types for damaged checkpoints
         raise SAEFormatError(f"{params_dir}: unreadable orbax checkpoint ({first_line(e)})") from None
-    for name in PARAM_NAMES:
+    for name in spec.shapes():
         check_finite(params_dir, name, jax.device_get(restored[name]))
-    return SAE(SAEParams(**{n: restored[n] for n in PARAM_NAMES}), spec)
+    return SAE(SAEParams(**{n: restored[n] for n in spec.shapes()}), spec)
 
 
 def _read_spec(path: Path) -> SAESpec:
@@ -74,13 +77,16 @@ def _read_spec(path: Path) -> SAESpec:
         if key not in _FIELDS:
             raise error(path, key, f"only SAESpec fields {sorted(_FIELDS)}", f"extra key {key!r}")
         expected, ok = _JSON_TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, expected) or not ok(value):  # JSON true is no layer
+        is_bool = expected is bool  # JSON true is no layer, and 1 is no flag
+        if isinstance(value, bool) != is_bool or not isinstance(value, expected) or not ok(value):
             raise error(path, key, _JSON_TYPE_NAMES[key], json.dumps(value)[:80])
     for key in ("architecture", "d_in", "n_latents"):  # SAESpec has no default for these
         if key not in raw:
             raise error(path, key, _JSON_TYPE_NAMES[key], "the key missing")
     if "input_scale" in raw:
         raw["input_scale"] = float(raw["input_scale"])
+    if "metadata" in raw:
+        raw["metadata"] = metadata_text(path, raw["metadata"])
     return make_spec(path, **raw)
 
 
@@ -90,11 +96,12 @@ _JSON_TYPES = {
     "architecture": (str, _ANY), "d_in": (int, _ANY), "n_latents": (int, _ANY), "k": ((int, type(None)), _ANY),
     "hook_layer": (int, lambda v: v >= 0), "hook_site": (str, _ANY), "dtype": (str, _ANY),
     "input_scale": ((int, float), lambda v: abs(v) < 1e300), "source": (str, _ANY),
+    "apply_b_dec_to_input": (bool, _ANY), "metadata": (dict, _ANY),
 }
 _JSON_TYPE_NAMES = {
     "architecture": "a string", "d_in": "an integer", "n_latents": "an integer", "k": "an integer or null",
     "hook_layer": "an integer >= 0", "hook_site": "a string", "dtype": "a string", "input_scale": "a finite number",
-    "source": "a string",
+    "source": "a string", "apply_b_dec_to_input": "true or false", "metadata": "a JSON object",
 }
 
 

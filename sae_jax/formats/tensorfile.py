@@ -19,7 +19,8 @@ from sae_jax.sae import DTYPES
 
 PT_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# float64: SAELens and sparsify files may hold it; the release reader refuses it by name.
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 _ACCEPTED = f"dtype one of {', '.join(DTYPES)}"
 
 
