@@ -39,9 +39,8 @@ from flax import nnx
 
 from sae_jax.atomic import atomic_file, atomic_write_text
 from sae_jax.data.text import TokenBatch
+from sae_jax.llama.model import Edit, Llama, logits_from, residuals, site_index
 from sae_jax.metrics import DENSE_THRESHOLD, moments, quick_eval, recon_sums  # noqa: F401 (quick_eval re-exported)
-from sae_jax.llama.hooks import head, residuals, run_layers, site_index
-from sae_jax.llama.model import Llama, positions_and_mask
 from sae_jax.sae import SAE, forward
 from sae_jax.sharding import to_host
 
@@ -70,11 +69,16 @@ def neighbour_indices(layer: int, num_layers: int) -> tuple[int, ...]:
 # --- one batch, on device -------------------------------------------------------------
 
 
-def _lm(model: Llama, x, x_hat, keep, input_ids, attention_mask, positions, mask, start: int) -> dict:
+def _splice(p: dict, x: jax.Array) -> jax.Array:
+    """The residual x [B, T, D] with p["x"] [B, T, D] in place of it at the kept positions p["keep"] [B, T]."""
+    return jnp.where(p["keep"][..., None], p["x"].astype(x.dtype), x)
+
+
+def _lm(model: Llama, x, x_hat, keep, input_ids, attention_mask, layer: int, site: str) -> dict:
     """CE sums (clean, spliced, zero-ablated) and KL(clean || spliced) over positions whose next token is real."""
-    k = keep[..., None]
-    tail = lambda r: jax.nn.log_softmax(head(model, run_layers(model, r, positions, mask, start))[:, :-1], -1)
-    clean, spliced, zero = tail(x), tail(jnp.where(k, x_hat.astype(x.dtype), x)), tail(jnp.where(k, 0, x).astype(x.dtype))
+    splice = lambda r: Edit({"x": r, "keep": keep}, layer, site, _splice)
+    tail = lambda edit: jax.nn.log_softmax(logits_from(model, x, layer, site, attention_mask, edit=edit)[:, :-1], -1)
+    clean, spliced, zero = tail(None), tail(splice(x_hat)), tail(splice(jnp.zeros_like(x)))
     w = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)  # [B, T-1]
     target = input_ids[:, 1:, None]
     nll = lambda lp: -(jnp.take_along_axis(lp, target, -1)[..., 0] * w).sum()
@@ -82,16 +86,17 @@ def _lm(model: Llama, x, x_hat, keep, input_ids, attention_mask, positions, mask
     return {"predictions": w.sum(), "ce_clean": nll(clean), "ce_sae": nll(spliced), "ce_zero": nll(zero), "kl": kl}
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("site", "scan", "lm"))
-def _eval_batch(graphdef, state, sae, input_ids, attention_mask, keep, *, site: int, scan: tuple[int, ...], lm: bool):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("layer", "site", "scan", "lm"))
+def _eval_batch(graphdef, state, sae, input_ids, attention_mask, keep, *, layer: int, site: str, scan: tuple[int, ...],
+                lm: bool):
     model = nnx.merge(graphdef, state)
-    positions, mask = positions_and_mask(input_ids, attention_mask)
-    xs = residuals(model, input_ids, (*scan, site), attention_mask)
-    x = xs[site]
+    at = site_index(model.config, layer, site)
+    xs = residuals(model, input_ids, (*scan, at), attention_mask)
+    x = xs[at]
     x_hat, f, _ = forward(sae, x)
     out = {"recon": recon_sums(x, x_hat, f, keep), "scan": {j: moments(xs[j], forward(sae, xs[j]).x_hat, keep) for j in scan}}
     if lm:
-        out["lm"] = _lm(model, x, x_hat, keep, input_ids, attention_mask, positions, mask, site)
+        out["lm"] = _lm(model, x, x_hat, keep, input_ids, attention_mask, layer, site)
     return out
 
 
@@ -249,7 +254,6 @@ def evaluate(
     """
     check_compatible(sae, model)
     L, nl = sae.spec.hook_layer, model.config.num_layers
-    site = site_index(model.config, L, sae.spec.hook_site)
     scan = neighbour_indices(L, nl)
     graphdef, state = nnx.split(model)
     main, fits = Moments(), {j: Moments() for j in scan}
@@ -261,7 +265,8 @@ def evaluate(
         if sums["tokens"] >= n_tokens:
             break
         ids, attn, keep = (jnp.asarray(a) for a in (batch.input_ids, batch.attention_mask, batch.keep))
-        out = jax.device_get(_eval_batch(graphdef, state, sae, ids, attn, keep, site=site, scan=scan, lm=lm))
+        out = _eval_batch(graphdef, state, sae, ids, attn, keep, layer=L, site=sae.spec.hook_site, scan=scan, lm=lm)
+        out = jax.device_get(out)
         r = out["recon"]
         main.add(r)
         for j in scan:

@@ -26,8 +26,7 @@ from flax import nnx
 from sae_jax.chat import ROLES, ChatTokens
 from sae_jax.data.text import TokenBatch
 from sae_jax.evaluate import check_compatible
-from sae_jax.llama.hooks import residuals, site_index
-from sae_jax.llama.model import Llama
+from sae_jax.llama.model import Llama, residuals, site_index
 from sae_jax.sae import SAE, SAEParams, encode
 
 

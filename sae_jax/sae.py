@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,20 +85,12 @@ class SAE:
     spec: SAESpec = dataclasses.field(metadata=dict(static=True))
 
 
-class Forward(tuple):
-    """(x_hat, f, pre): reconstruction [.., D], codes [.., N], pre-activations [.., N]."""
+class Forward(NamedTuple):
+    """(x_hat, f, pre): reconstruction [.., D], codes [.., N], pre-activations [.., N]; a pytree, as any NamedTuple."""
 
-    __slots__ = ()
-
-    def __new__(cls, x_hat, f, pre):
-        return super().__new__(cls, (x_hat, f, pre))
-
-    x_hat = property(lambda s: s[0])
-    f = property(lambda s: s[1])
-    pre = property(lambda s: s[2])
-
-
-jax.tree_util.register_pytree_node(Forward, lambda t: (tuple(t), None), lambda _, c: Forward(*c))
+    x_hat: jax.Array
+    f: jax.Array
+    pre: jax.Array
 
 
 def check_params(params: SAEParams, spec: SAESpec, where: str = "params") -> None:

@@ -33,8 +33,7 @@ import numpy as np
 from sae_jax.evaluate import check_compatible
 from sae_jax.inspect_features import check_feature, narrow
 from sae_jax.llama.generate import generate
-from sae_jax.llama.hooks import Edit
-from sae_jax.llama.model import Llama
+from sae_jax.llama.model import Edit, Llama
 from sae_jax.sae import SAE, encode
 
 MODES = ("add", "clamp")

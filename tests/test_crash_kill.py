@@ -38,7 +38,7 @@ TMP = ".orbax-checkpoint-tmp"
 
 
 def command(out_dir: Path) -> list[str]:
-    args = [sys.executable, str(ROOT / "train.py"), "--no-progress"]
+    args = [sys.executable, str(ROOT / "train.py"), "--no-progress", "--config", str(ROOT / "tests" / "defaults.yaml")]
     for s in SETS + [f"run.out_dir={out_dir}"]:
         args += ["--set", s]
     return args

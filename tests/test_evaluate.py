@@ -13,7 +13,7 @@ from sae_helpers import exact_sae, make_sae, pca_sae, zero_sae
 from sae_jax.data.text import TokenBatch
 from sae_jax.evaluate import evaluate, quick_eval, site_names
 from sae_jax.llama import load
-from sae_jax.llama.hooks import logits_from, residuals
+from sae_jax.llama import logits_from, residuals
 from sae_jax.sae import forward
 
 D, LAYERS, L = 64, 4, 2  # the SAEs read layer 2 of a 4-layer model; the site check looks at residuals 1..4

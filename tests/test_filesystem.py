@@ -46,7 +46,7 @@ def cfg(out_dir, **extra):
 
 
 def run_cli(out_dir: Path, fsize: int | None = None) -> subprocess.CompletedProcess:
-    args = [str(ROOT / "train.py"), "--no-progress"]
+    args = [str(ROOT / "train.py"), "--no-progress", "--config", str(ROOT / "tests" / "defaults.yaml")]
     for s in SETS + [f"run.out_dir={out_dir}"]:
         args += ["--set", s]
     if fsize is not None:

@@ -21,7 +21,7 @@ from sae_jax.inspect_features import (
     top_contexts,
 )
 from sae_jax.llama import load
-from sae_jax.llama.hooks import residuals
+from sae_jax.llama import residuals
 from sae_jax.sae import SAE, SAESpec, encode, init_params
 from sae_jax.tokenizer import llama3_tokenizer
 

@@ -92,7 +92,7 @@ def launch(argv: list[str], logs: Path, codes: tuple[int, int] = (0, 0)) -> list
 
 
 def train_py(out_dir: Path, mesh: list[str] = MESH_2x2) -> list[str]:
-    argv = [sys.executable, str(ROOT / "train.py"), "--no-progress"]
+    argv = [sys.executable, str(ROOT / "train.py"), "--no-progress", "--config", str(ROOT / "tests" / "defaults.yaml")]
     for s in SETS + mesh + [f"run.out_dir={out_dir}"]:
         argv += ["--set", s]
     return argv

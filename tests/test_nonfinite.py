@@ -47,7 +47,7 @@ def activations(tmp_path: Path, value: float, step: int = BAD_STEP, row: int = 5
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train.py"), "--no-progress"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--no-progress", "--config", str(ROOT / "tests" / "defaults.yaml")]
     for s in args:
         cmd += ["--set", s]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

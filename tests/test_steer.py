@@ -9,9 +9,8 @@ import torch
 
 from llama_helpers import tiny
 from sae_helpers import exact_sae
-from sae_jax.llama import load
+from sae_jax.llama import Edit, load, logits
 from sae_jax.llama.generate import generate
-from sae_jax.llama.hooks import Edit, logits_with_edit
 from sae_jax.sae import SAE, SAESpec, decode, encode, init_params
 from sae_jax.steer import steer, steering_edit
 
@@ -81,9 +80,9 @@ def test_steering_changes_the_text_and_the_cache_agrees_with_recomputation(model
 def test_the_output_of_layer_l_is_the_input_of_layer_l_plus_1_and_not_of_layer_l(model, prompt):
     add = lambda p, x: x + p
     v = jax.random.normal(jax.random.key(4), (D,)) * 10
-    out_l = logits_with_edit(model, prompt, Edit(v, L, "output", add))
-    np.testing.assert_array_equal(out_l, logits_with_edit(model, prompt, Edit(v, L + 1, "input", add)))
-    assert np.abs(out_l - logits_with_edit(model, prompt, Edit(v, L, "input", add))).max() > 1e-2
+    out_l = logits(model, prompt, edit=Edit(v, L, "output", add))
+    np.testing.assert_array_equal(out_l, logits(model, prompt, edit=Edit(v, L + 1, "input", add)))
+    assert np.abs(out_l - logits(model, prompt, edit=Edit(v, L, "input", add))).max() > 1e-2
 
 
 def test_steering_reuses_the_compiled_steps_for_a_new_alpha_or_feature(model, sae, prompt):

@@ -12,9 +12,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so np.dtype("bfloat16") resolves
+import numpy as np
+
 
 class LlamaLoadError(ValueError):
     """A checkpoint folder that cannot be read as a Llama; the message is one line."""
+
+
+def dtype_name(dtype: Any, allowed: tuple[str, ...], what: str = "dtype") -> str:
+    """The name of `dtype` (a string, numpy or JAX dtype) if it is in `allowed`; else a one-line ValueError."""
+    try:
+        name = None if dtype is None else np.dtype(dtype).name  # np.dtype(None) would be float64
+    except TypeError:
+        name = None
+    if name not in allowed:
+        found = dtype if isinstance(dtype, str) or name is None else name  # "float16", not "<class 'jax...float16'>"
+        raise ValueError(f"{what}: expected one of {allowed}, found {found!r}")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,6 @@ are never attended, so a padded row generates what it would alone.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -22,67 +21,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sae_jax.llama.config import LlamaConfig
-from sae_jax.llama.hooks import Edit, head, logits_with_edit
-from sae_jax.llama.model import Block, Llama, attend
+from sae_jax.llama.model import Edit, KVCache, Llama, logits, run_layers
 
 CACHE_MULTIPLE = 128  # cache sizes are rounded up to this, so prompts of similar length share one decode compile
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, S, KV, H], rotated keys
-    v: tuple[jax.Array, ...]  # per layer [B, S, KV, H]
-    valid: jax.Array  # [B, S] bool: the slot holds a real (not pad) token
-    index: jax.Array  # [] int32: slots filled so far; the next write starts here
-
-
-def init_cache(cfg: LlamaConfig, batch: int, size: int, dtype) -> KVCache:
-    """An empty cache of `size` slots per row."""
-    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # distinct buffers: the cache is donated
-    return KVCache(zeros(), zeros(), jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
-
-
-def _block_cached(block: Block, x, positions, mask, k_cache, v_cache, index):
-    """Block.__call__ with the keys and values of x written into the cache at `index` and read back from it."""
-    q, k, v = block.attn.qkv(block.attn_norm(x), positions)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-    x = x + block.attn.out(attend(q, k_cache, v_cache, mask))
-    return x + block.mlp(block.mlp_norm(x)), k_cache, v_cache
-
-
-def forward_cached(model: Llama, input_ids, positions, token_mask, cache: KVCache, edit: Edit | None = None):
-    """Run T new tokens through the model against the cache -> (last logits [B, V] float32, updated cache).
-
-    input_ids, positions: [B, T]; token_mask: [B, T] bool (False on pads). The
-    new tokens fill slots index..index+T-1; slot s is attended by the new token
-    in slot t when s <= t and slot s holds a real token.
-    """
-    B, T = input_ids.shape
-    S = cache.valid.shape[1]
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, cache.index, axis=1)
-    slots = cache.index + jnp.arange(T)
-    mask = (jnp.arange(S)[None, :] <= slots[:, None])[None] & valid[:, None, :]  # [B, T, S]
-    at = edit.index(model) if edit is not None else -1
-    x, ks, vs = model.embed_tokens(input_ids), list(cache.k), list(cache.v)
-    for i, block in enumerate(model.layers):
-        if i == at:
-            x = edit(x)
-        x, ks[i], vs[i] = _block_cached(block, x, positions, mask, ks[i], vs[i], cache.index)
-    if at == model.config.num_layers:
-        x = edit(x)
-    logits = head(model, x[:, -1:])[:, 0]
-    return logits, KVCache(tuple(ks), tuple(vs), valid, cache.index + T)
-
-
 @functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
-def _step(graphdef, state, input_ids, positions, token_mask, cache, edit):
-    """(greedy next token [B] int32, last logits [B, V] float32, cache) after T new tokens."""
-    logits, cache = forward_cached(nnx.merge(graphdef, state), input_ids, positions, token_mask, cache, edit)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, cache
+def _step(graphdef, state, input_ids, positions, token_mask, cache: KVCache, edit: Edit | None):
+    """T new tokens against the cache -> (greedy next token [B] int32, the cache holding their keys and values).
+
+    input_ids, positions: [B, T]; token_mask: [B, T] bool (False on pads).
+    """
+    model = nnx.merge(graphdef, state)
+    cache, mask = cache.admit(token_mask)
+    x, cache = run_layers(model, model.embed_tokens(input_ids), positions, mask, edit=edit, cache=cache)
+    return jnp.argmax(model.head(x[:, -1:])[:, 0], axis=-1).astype(jnp.int32), cache
 
 
 def cache_size(n: int, multiple: int = CACHE_MULTIPLE) -> int:
@@ -141,21 +94,22 @@ def _cached_steps(model: Llama, ids: np.ndarray, mask: np.ndarray, edit: Edit | 
     """Yield greedy tokens [B]: prefill, then one jitted decode step per token."""
     graphdef, state = nnx.split(model)
     B, T = ids.shape
-    cache = init_cache(model.config, B, cache_size(T + max_new_tokens), model.dtype)
-    tok, _, cache = _step(graphdef, state, jnp.asarray(ids), jnp.asarray(_positions(mask)), jnp.asarray(mask > 0), cache, edit)
+    cache = KVCache.empty(model.config, B, cache_size(T + max_new_tokens), model.dtype)
+    prompt_positions, prompt_real = jnp.asarray(_positions(mask)), jnp.asarray(mask > 0)
+    tok, cache = _step(graphdef, state, jnp.asarray(ids), prompt_positions, prompt_real, cache, edit)
     pos = jnp.asarray(mask.sum(axis=1, keepdims=True), jnp.int32)  # [B, 1] the next position of each row
     real = jnp.ones((B, 1), bool)
     while True:
         yield np.asarray(tok)
-        tok, _, cache = _step(graphdef, state, tok[:, None], pos, real, cache, edit)
+        tok, cache = _step(graphdef, state, tok[:, None], pos, real, cache, edit)
         pos = pos + 1
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _full_step(graphdef, state, input_ids, attention_mask, positions, edit, last):
     """Greedy token [B] int32 at position `last` from the full logits of input_ids [B, T]."""
-    logits = logits_with_edit(nnx.merge(graphdef, state), input_ids, edit, attention_mask, positions)
-    return jnp.argmax(logits[:, last], axis=-1).astype(jnp.int32)
+    out = logits(nnx.merge(graphdef, state), input_ids, attention_mask, positions, edit=edit)
+    return jnp.argmax(out[:, last], axis=-1).astype(jnp.int32)
 
 
 def _uncached_steps(model: Llama, ids: np.ndarray, mask: np.ndarray, edit: Edit | None, max_new_tokens: int):

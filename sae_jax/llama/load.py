@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors import safe_open
 
-from sae_jax.llama.config import LlamaLoadError, load_config
+from sae_jax.llama.config import LlamaLoadError, dtype_name, load_config
 from sae_jax.llama.model import COMPUTE_DTYPES, Llama
 from sae_jax.llama.weights import WeightSpec, weight_table
 
@@ -82,10 +82,12 @@ def param_at(model: Llama, path: tuple) -> nnx.Param:
     return node
 
 
-def load(path: str | Path, dtype: str = "float32") -> Llama:
-    """The Llama in HF folder `path`, computing in `dtype` ("float32" or "bfloat16"), weights kept as stored."""
-    if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype: expected one of {COMPUTE_DTYPES}, found {dtype!r}")
+def load(path: str | Path, dtype="float32") -> Llama:
+    """The Llama in HF folder `path`, computing in `dtype` (float32 or bfloat16: a string, numpy or JAX dtype).
+
+    Weights are kept as stored.
+    """
+    dtype = dtype_name(dtype, COMPUTE_DTYPES)  # before any file is read
     folder = Path(path)
     cfg = load_config(folder)
     table = weight_table(cfg)

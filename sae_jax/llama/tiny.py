@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from sae_jax.llama.config import config_from_dict
+from sae_jax.llama.config import config_from_dict, dtype_name
 from sae_jax.llama.weights import weight_table
 
-NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+WEIGHT_DTYPES = ("bfloat16", "float16", "float32")
 LLAMA3_ROPE = {
     "factor": 32.0,
     "high_freq_factor": 4.0,
@@ -89,17 +88,17 @@ def write_tiny_checkpoint(
     vocab_size: int = 128256,
     tie_word_embeddings: bool = True,
     old_format: bool = False,
-    dtype: str = "bfloat16",
+    dtype="bfloat16",
     init_std: float = 0.02,
 ) -> Path:
     """Write config.json and model.safetensors into folder `path` (created if needed); return the folder.
 
     Matrices are N(0, init_std); RMSNorm gains are 1 + N(0, 0.1), so the norms
     are not the identity. Larger `init_std` (e.g. 0.2) gives peaked attention,
-    which tests want so that mask and position errors show.
+    which tests want so that mask and position errors show. `dtype` (the
+    weights') may be a string, a numpy or a JAX dtype.
     """
-    if dtype not in NUMPY_DTYPES:
-        raise ValueError(f"dtype: expected one of {tuple(NUMPY_DTYPES)}, found {dtype!r}")
+    dtype = dtype_name(dtype, WEIGHT_DTYPES)
     d = tiny_config(
         num_hidden_layers=num_hidden_layers,
         hidden_size=hidden_size,
@@ -119,7 +118,7 @@ def write_tiny_checkpoint(
             w = 1.0 + 0.1 * rng.standard_normal(spec.shape, dtype=np.float32)
         else:
             w = init_std * rng.standard_normal(spec.shape, dtype=np.float32)
-        tensors[key] = w.astype(NUMPY_DTYPES[dtype])
+        tensors[key] = w.astype(dtype)  # numpy knows "bfloat16" once ml_dtypes is imported (config.py does)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})  # transformers requires "pt"
