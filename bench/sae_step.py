@@ -50,7 +50,17 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench.common import add_malloc_flag, set_malloc, interleaved, json_line, machine, median, mfu, sae_train_flops_per_token, table
+from bench.common import (
+    add_malloc_flag,
+    interleaved,
+    json_line,
+    machine,
+    median,
+    mfu,
+    sae_train_flops_per_token,
+    set_malloc,
+    table,
+)
 from bench.torch_sae import TorchTrainer
 
 SHAPES = {  # name: (D, expansion, B)
@@ -101,7 +111,7 @@ def bench_batches(D: int, N: int, B: int, n: int = 4, seed: int = 1) -> list[np.
     out = []
     for _ in range(n):
         l0 = np.clip(K * np.exp(L0_SIGMA * rng.standard_normal(B) - L0_SIGMA**2 / 2), 1, n_live / 4)
-        q = np.array([NormalDist().inv_cdf(1 - l / n_live) for l in l0])
+        q = np.array([NormalDist().inv_cdf(1 - n_on / n_live) for n_on in l0])
         out.append((rng.standard_normal((B, D), dtype=np.float32) * (t / q)[:, None]).astype(np.float32))
     return out
 
@@ -142,8 +152,8 @@ def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tu
     N = D * expansion
     weights, batches = bench_weights(D, N), bench_batches(D, N, B)
     l0s = [((b @ weights["W_enc"] + weights["b_enc"]) > 0).sum(1) for b in batches]
-    pattern = dict(l0_mean=float(np.mean(l0s)), l0_max_over_mean=float(np.mean([l.max() / l.mean() for l in l0s])),
-                   over_128=float(np.mean([(l > 128).mean() for l in l0s])), dead_fraction=float(dead_latents(N).mean()))
+    pattern = dict(l0_mean=float(np.mean(l0s)), l0_max_over_mean=float(np.mean([c.max() / c.mean() for c in l0s])),
+                   over_128=float(np.mean([(c > 128).mean() for c in l0s])), dead_fraction=float(dead_latents(N).mean()))
     print("activation pattern: relu L0 mean {l0_mean:.1f}, batch max / mean {l0_max_over_mean:.2f}, tokens over 128: "
           "{over_128:.1%}, dead latents {dead_fraction:.0%}".format(**pattern), flush=True)
     xs_jax = [jnp.asarray(b) for b in batches]

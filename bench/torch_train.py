@@ -98,16 +98,31 @@ def main(argv=None) -> None:
                 since = torch.where((f > 0).any(0), 0, since + a.batch)
             if (step + 1) % a.log_every == 0 or step + 1 == a.steps:
                 now = time.perf_counter()
-                mfile.write(json.dumps({"step": step + 1, "loss": float(loss), "l0": float((f > 0).sum(-1).float().mean()),
-                                        "tokens_per_s": a.log_every * a.batch / (now - t0)}) + "\n")
+                mfile.write(
+                    json.dumps(
+                        {
+                            "step": step + 1,
+                            "loss": float(loss),
+                            "l0": float((f > 0).sum(-1).float().mean()),
+                            "tokens_per_s": a.log_every * a.batch / (now - t0),
+                        }
+                    )
+                    + "\n"
+                )
                 mfile.flush()
                 t0 = now
     ckpt = os.path.join(a.out, "checkpoint.pt")
-    torch.save({"params": params, "opt": opt.state_dict(), "step": a.steps, "since": since, "scale": scale}, ckpt + ".tmp")
+    torch.save(
+        {"params": params, "opt": opt.state_dict(), "step": a.steps, "since": since, "scale": scale}, ckpt + ".tmp"
+    )
     os.replace(ckpt + ".tmp", ckpt)
     with torch.no_grad():  # fold the input scale into the weights, as sae.fold_input_scale does
-        out = {"W_enc": params["W_enc"] * scale, "b_enc": params["b_enc"], "W_dec": params["W_dec"] / scale,
-               "b_dec": params["b_dec"] / scale}
+        out = {
+            "W_enc": params["W_enc"] * scale,
+            "b_enc": params["b_enc"],
+            "W_dec": params["W_dec"] / scale,
+            "b_dec": params["b_dec"] / scale,
+        }
     path = os.path.join(a.out, "sae.safetensors")
     save_file({k: v.contiguous() for k, v in out.items()}, path + ".tmp")
     os.replace(path + ".tmp", path)

@@ -34,7 +34,9 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float]:
     """Run cmd under /usr/bin/time -v -> (wall seconds, peak RSS GB); exits on failure with the child's output."""
     out = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode:
-        sys.exit(f"train_vs_torch: {' '.join(cmd[:3])} failed (exit {out.returncode}):\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
+        sys.exit(
+            f"train_vs_torch: {' '.join(cmd[:3])} failed (exit {out.returncode}):\n{out.stdout[-2000:]}{out.stderr[-3000:]}"
+        )
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", out.stderr)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr)
     h, m, s = (float(g or 0) for g in wall.groups())
@@ -43,13 +45,46 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float]:
 
 def commands(shape: str, steps: int, out: str) -> dict[str, list[str]]:
     D, expansion, B = SHAPES[shape]
-    sets = [f"sae.d_in={D}", f"sae.expansion={expansion}", f"data.batch_size={B}", f"train.steps={steps}",
-            f"train.lr={LR}", f"run.out_dir={out}/jax", f"run.log_every={LOG_EVERY}", f"run.save_every={steps}",
-            "run.eval_batches=0", f"train.lr_warmup_steps={steps // 10}", "train.l1_coefficient=5.0"]
-    jax_cmd = [sys.executable, "train.py", "--config", "configs/synthetic.yaml", *[x for s in sets for x in ("--set", s)]]
-    torch_cmd = [sys.executable, "bench/torch_train.py", "--out", f"{out}/torch", "--d-in", str(D), "--expansion",
-                 str(expansion), "--batch", str(B), "--steps", str(steps), "--lr", str(LR), "--log-every", str(LOG_EVERY),
-                 "--lr-warmup", str(steps // 10)]
+    sets = [
+        f"sae.d_in={D}",
+        f"sae.expansion={expansion}",
+        f"data.batch_size={B}",
+        f"train.steps={steps}",
+        f"train.lr={LR}",
+        f"run.out_dir={out}/jax",
+        f"run.log_every={LOG_EVERY}",
+        f"run.save_every={steps}",
+        "run.eval_batches=0",
+        f"train.lr_warmup_steps={steps // 10}",
+        "train.l1_coefficient=5.0",
+    ]
+    jax_cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/synthetic.yaml",
+        *[x for s in sets for x in ("--set", s)],
+    ]
+    torch_cmd = [
+        sys.executable,
+        "bench/torch_train.py",
+        "--out",
+        f"{out}/torch",
+        "--d-in",
+        str(D),
+        "--expansion",
+        str(expansion),
+        "--batch",
+        str(B),
+        "--steps",
+        str(steps),
+        "--lr",
+        str(LR),
+        "--log-every",
+        str(LOG_EVERY),
+        "--lr-warmup",
+        str(steps // 10),
+    ]
     return {"jax": jax_cmd, "torch": torch_cmd}
 
 
@@ -65,22 +100,50 @@ def main(argv=None) -> None:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
     import torch
 
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          "matmul precision: JAX float32 (CPU), torch 'highest' (no TF32)", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        "matmul precision: JAX float32 (CPU), torch 'highest' (no TF32)",
+        flush=True,
+    )
     rows = []
     for steps in (int(s) for s in a.steps.split(",")):
         for pair in range(a.pairs):
             got = {}
-            for name in (("jax", "torch") if pair % 2 == 0 else ("torch", "jax")):
+            for name in ("jax", "torch") if pair % 2 == 0 else ("torch", "jax"):
                 with tempfile.TemporaryDirectory() as out:
                     got[name] = timed(commands(a.shape, steps, out)[name], env)
             (jw, jr), (tw, tr) = got["jax"], got["torch"]
-            rows.append(dict(shape=a.shape, steps=steps, pair=pair, jax_s=jw, torch_s=tw, speedup=tw / jw,
-                             jax_gb=jr, torch_gb=tr, rss_ratio=jr / tr))
-            print(f"steps {steps} pair {pair}: train.py {jw:.1f} s {jr:.2f} GB, torch {tw:.1f} s {tr:.2f} GB", flush=True)
-    print(table(rows, [("shape", "shape", "s"), ("steps", "steps", "d"), ("jax_s", "train.py s", ".1f"),
-                       ("torch_s", "torch s", ".1f"), ("speedup", "torch/ours wall", ".2f"), ("jax_gb", "ours GB", ".2f"),
-                       ("torch_gb", "torch GB", ".2f"), ("rss_ratio", "ours/torch RSS", ".2f")]))
+            rows.append(
+                dict(
+                    shape=a.shape,
+                    steps=steps,
+                    pair=pair,
+                    jax_s=jw,
+                    torch_s=tw,
+                    speedup=tw / jw,
+                    jax_gb=jr,
+                    torch_gb=tr,
+                    rss_ratio=jr / tr,
+                )
+            )
+            print(
+                f"steps {steps} pair {pair}: train.py {jw:.1f} s {jr:.2f} GB, torch {tw:.1f} s {tr:.2f} GB", flush=True
+            )
+    print(
+        table(
+            rows,
+            [
+                ("shape", "shape", "s"),
+                ("steps", "steps", "d"),
+                ("jax_s", "train.py s", ".1f"),
+                ("torch_s", "torch s", ".1f"),
+                ("speedup", "torch/ours wall", ".2f"),
+                ("jax_gb", "ours GB", ".2f"),
+                ("torch_gb", "torch GB", ".2f"),
+                ("rss_ratio", "ours/torch RSS", ".2f"),
+            ],
+        )
+    )
     print(json_line("train_vs_torch", rows=rows))
 
 

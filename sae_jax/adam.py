@@ -16,7 +16,7 @@ import optax
 
 
 class MasksNotOk(optax.GradientTransformationExtraArgs):
-    """A transformation whose update takes `ok` ([] bool): where it is false, the updates are 0 and the state is kept."""
+    """A transformation whose update takes `ok` ([] bool): where it is false, updates are 0 and the state is kept."""
 
 
 def masking(tx: optax.GradientTransformation) -> MasksNotOk:

@@ -74,7 +74,7 @@ def _active_fwd(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype):
 
 
 def _active_bwd(encoder_grad, dtype, res, cot):
-    """(g_vals [B, K], g_rows [B, K, D], g_dense [R, N]) -> (None, dW_enc, db_enc [N], dW_dec [N, D], None, None, None)."""
+    """(g_vals [B, K], g_rows [B, K, D], g_dense [R, N]) -> (None, dW_enc, db_enc [N], dW_dec [N, D], None x 3)."""
     x, idx, rows, w = res
     g_vals, g_rows, g_dense = cot
     (N, D), B, flat = w.shape, x.shape[0], idx.reshape(-1)
@@ -125,7 +125,7 @@ def dense_codes(idx: jax.Array, a: jax.Array, n: int) -> jax.Array:
 
 
 def route(pre: jax.Array, k_max: int, n_rows: int) -> tuple[jax.Array, jax.Array]:
-    """pre: [B, N] -> (path [] int32, over [] int32) of relu's sparse step; over: tokens with more than k_max active latents.
+    """pre: [B, N] -> (path [] int32, over [] int32) of relu's sparse step; over: tokens with > k_max active latents.
 
     path 0: every token sparse; 1: the `n_rows` fullest tokens dense, the rest
     sparse (0 < over <= n_rows); 2: the whole batch dense.
@@ -144,7 +144,9 @@ def _relu_loss(wrt: Wrt, x, pre, idx, rows, *, l1_coefficient, dtype, encoder_gr
     W_enc, b_enc, W_dec, b_dec = wrt
     B, N = pre.shape
     vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype)
-    sparse_tok = jnp.ones((B,), bool) if rows is None or rows.shape[0] == 0 else jnp.ones((B,), bool).at[rows].set(False)
+    sparse_tok = jnp.ones((B,), bool)
+    if rows is not None and rows.shape[0]:
+        sparse_tok = sparse_tok.at[rows].set(False)
     a = jnp.where(sparse_tok[:, None], jax.nn.relu(vals), 0.0)
     x_hat = _decode(a, w_rows, dtype)
     # sum_i f_i |W_dec,i| over the active set only: f is zero elsewhere.

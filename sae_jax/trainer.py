@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sae_jax import adam, sharding
+from sae_jax import adam, sharding, sparse
 from sae_jax.config import Config, TrainConfig
 from sae_jax.loss import sae_loss
 from sae_jax.sae import SAEParams, SAESpec, explained_variance, init_params
-from sae_jax import sparse
 
 
 @jax.tree_util.register_dataclass

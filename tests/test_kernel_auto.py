@@ -1,4 +1,4 @@
-"""`train.kernel: auto`: sparse where the shape makes it pay, dense elsewhere, and metrics.jsonl says which way steps went."""
+"""`train.kernel: auto`: sparse where the shape makes it pay, dense elsewhere; metrics.jsonl says which way steps go."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train_run import tiny
 
 from sae_jax import run, sparse
 from sae_jax.trainer import AUTO_SPARSE_RATIO, init_state, kernel, make_step, spec_from_config
-from test_train_run import tiny
 
 
-@pytest.mark.parametrize("arch,expansion,budget,expected", [
-    ("relu", 4, 128, "dense"),  # N = 32 < 16 * k_max
-    ("relu", 64, 8, "sparse"),  # N = 512 = 64 * k_max
-    ("topk", 16, 8, "sparse"),  # N = 128 = 16 * k
-    ("topk", 16, 9, "dense"),
-])
+@pytest.mark.parametrize(
+    "arch,expansion,budget,expected",
+    [
+        ("relu", 4, 128, "dense"),  # N = 32 < 16 * k_max
+        ("relu", 64, 8, "sparse"),  # N = 512 = 64 * k_max
+        ("topk", 16, 8, "sparse"),  # N = 128 = 16 * k
+        ("topk", 16, 9, "dense"),
+    ],
+)
 def test_auto_resolves_from_the_shape(tmp_path, arch, expansion, budget, expected):
     extra = {"sae.expansion": expansion, "train.sparse_k_max": budget}
     if arch == "topk":
@@ -34,8 +37,8 @@ def test_auto_run_takes_the_sparse_kernel_and_metrics_say_so(tmp_path):
     """topk, N = 128 = 16 k: every logged line says sparse, every token of every step went the sparse way."""
     cfg = tiny(tmp_path, **{"sae.architecture": "topk", "sae.k": 8, "sae.expansion": 16, "train.auxk_k": 16})
     run.train(cfg, progress=False)
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 6 and all(l["kernel_sparse"] == 1.0 and l["sparse_token_fraction"] == 1.0 for l in lines)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all(r["kernel_sparse"] == 1.0 and r["sparse_token_fraction"] == 1.0 for r in lines)
 
 
 def test_auto_relu_goes_sparse_by_token_once_the_codes_are_sparse():
@@ -50,7 +53,8 @@ def test_auto_relu_goes_sparse_by_token_once_the_codes_are_sparse():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     pre = x @ W
     cut = np.quantile(np.sort(pre, axis=1)[:, -5], 0.5)
-    state = dataclasses.replace(state, params=dataclasses.replace(state.params, b_enc=jnp.full(W.shape[1], -cut, jnp.float32)))
+    b_enc = jnp.full(W.shape[1], -cut, jnp.float32)
+    state = dataclasses.replace(state, params=dataclasses.replace(state.params, b_enc=b_enc))
     step = make_step(cfg)
     assert sparse.dense_rows(32) == 2
     for n_up, want in [(0, (1.0, 0.0, 0.0)), (2, (1 - 2 / 32, 0.0, 2 / 32)), (4, (0.0, 1.0, 4 / 32))]:
@@ -60,4 +64,5 @@ def test_auto_relu_goes_sparse_by_token_once_the_codes_are_sparse():
         assert counts[n_up:].max() <= 8 and (counts[:n_up] > 8).all()
         _, m = step(jax.tree.map(jnp.copy, state), jnp.asarray(xs), jnp.float32(1.0))  # the step donates its state
         assert float(m["kernel_sparse"]) == 1.0
-        assert (float(m["sparse_token_fraction"]), float(m["dense_fallback"]), float(m["over_budget_fraction"])) == pytest.approx(want)
+        got = (m["sparse_token_fraction"], m["dense_fallback"], m["over_budget_fraction"])
+        assert tuple(map(float, got)) == pytest.approx(want)

@@ -1,4 +1,4 @@
-"""The sparse kernel against the dense reference (`loss.sae_loss` differentiated by JAX), and the fused Adam against optax.
+"""The sparse kernel against the dense reference (`loss.sae_loss` differentiated by JAX); the fused Adam against optax.
 
 Reference: kernel "dense", the same params and batch. Tolerance: both compute
 in float32 and differ only in summation order (the sparse path sums K active
@@ -27,7 +27,15 @@ import pytest
 
 from sae_jax import adam, sparse, trainer
 from sae_jax.config import load_config
-from sae_jax.trainer import apply_optimizer, init_state, loss_and_grads, lr_schedule, make_step, optimizer, spec_from_config
+from sae_jax.trainer import (
+    apply_optimizer,
+    init_state,
+    loss_and_grads,
+    lr_schedule,
+    make_step,
+    optimizer,
+    spec_from_config,
+)
 
 TOL, TOL_BF16 = 1e-5, 1e-4
 D, EXPANSION, B = 16, 8, 64  # N = 128
