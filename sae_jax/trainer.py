@@ -115,8 +115,10 @@ NONFINITE = {1: "input activations", 2: "loss", 3: "gradients"}
 
 
 # `train.kernel: auto` takes the sparse kernel when N is at least this many times its per-token budget
-# (relu: sparse_k_max, topk: k); below it the [B, K] gathers cost about what the dense products save.
-AUTO_SPARSE_RATIO = 16
+# (relu: sparse_k_max, topk: k). Measured on a 2-core CPU with a trained SAE's activation pattern
+# (bench/sae_step.py, README): at N = 32768 sparse was 1.2x (relu, N/k_max = 256) and 1.4x (topk with AuxK,
+# N/k = 512) dense; at N = 8192 (N/k_max = 64, N/k = 128) dense was 1.3-1.4x faster than sparse.
+AUTO_SPARSE_RATIO = 256
 
 
 def kernel(spec: SAESpec, t: TrainConfig) -> str:

@@ -18,10 +18,11 @@ from sae_jax.trainer import AUTO_SPARSE_RATIO, init_state, kernel, make_step, sp
 @pytest.mark.parametrize(
     "arch,expansion,budget,expected",
     [
-        ("relu", 4, 128, "dense"),  # N = 32 < 16 * k_max
-        ("relu", 64, 8, "sparse"),  # N = 512 = 64 * k_max
-        ("topk", 16, 8, "sparse"),  # N = 128 = 16 * k
-        ("topk", 16, 9, "dense"),
+        ("relu", 4, 128, "dense"),  # N = 32 < 256 * k_max
+        ("relu", 64, 2, "sparse"),  # N = 512 = 256 * k_max
+        ("relu", 64, 3, "dense"),
+        ("topk", 64, 2, "sparse"),  # N = 512 = 256 * k
+        ("topk", 64, 3, "dense"),
     ],
 )
 def test_auto_resolves_from_the_shape(tmp_path, arch, expansion, budget, expected):
@@ -29,30 +30,30 @@ def test_auto_resolves_from_the_shape(tmp_path, arch, expansion, budget, expecte
     if arch == "topk":
         extra.update({"sae.architecture": "topk", "sae.k": budget})
     cfg = tiny(tmp_path, **extra)
-    assert cfg.train.kernel == "auto" and AUTO_SPARSE_RATIO == 16
+    assert cfg.train.kernel == "auto" and AUTO_SPARSE_RATIO == 256
     assert kernel(spec_from_config(cfg), cfg.train) == expected
 
 
 def test_auto_run_takes_the_sparse_kernel_and_metrics_say_so(tmp_path):
-    """topk, N = 128 = 16 k: every logged line says sparse, every token of every step went the sparse way."""
-    cfg = tiny(tmp_path, **{"sae.architecture": "topk", "sae.k": 8, "sae.expansion": 16, "train.auxk_k": 16})
+    """topk, N = 512 = 256 k: every logged line says sparse, every token of every step went the sparse way."""
+    cfg = tiny(tmp_path, **{"sae.architecture": "topk", "sae.k": 2, "sae.expansion": 64, "train.auxk_k": 16})
     run.train(cfg, progress=False)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and all(r["kernel_sparse"] == 1.0 and r["sparse_token_fraction"] == 1.0 for r in lines)
 
 
 def test_auto_relu_goes_sparse_by_token_once_the_codes_are_sparse():
-    """relu under auto: a batch whose tokens all have at most k_max = 8 active latents of N = 512 runs sparse;
+    """relu under auto: a batch whose tokens all have at most k_max = 8 active latents of N = 2048 runs sparse;
     one with 2 tokens over it (sparse.dense_rows(32) = 2) runs the 2 fullest densely and the rest sparse;
     4 over it, the whole step dense."""
-    cfg = tiny("unused", **{"sae.expansion": 64, "train.sparse_k_max": 8})
+    cfg = tiny("unused", **{"sae.expansion": 256, "train.sparse_k_max": 8})
     state = init_state(cfg)
     W = np.asarray(state.params.W_enc)
-    # b_enc so that a unit-norm token's pre-activations exceed it in about 4 latents; tokens scaled up cross many more.
+    # b_enc = -cut; tokens scaled up 4x cross it in many more latents.
     x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     pre = x @ W
-    cut = np.quantile(np.sort(pre, axis=1)[:, -5], 0.5)
+    cut = np.max(np.sort(pre, axis=1)[:, -9])  # every unit-norm token has at most 8 pre-activations above it
     b_enc = jnp.full(W.shape[1], -cut, jnp.float32)
     state = dataclasses.replace(state, params=dataclasses.replace(state.params, b_enc=b_enc))
     step = make_step(cfg)
