@@ -38,21 +38,12 @@ import numpy as np
 from flax import nnx
 
 from sae_jax.atomic import atomic_file, atomic_write_text
+from sae_jax.attach import check_compatible
 from sae_jax.data.text import TokenBatch
 from sae_jax.llama.model import Edit, Llama, logits_from, residuals, site_index
 from sae_jax.metrics import DENSE_THRESHOLD, moments, quick_eval, recon_sums  # noqa: F401 (quick_eval re-exported)
 from sae_jax.sae import SAE, forward
-from sae_jax.sharding import to_host
 
-
-
-def check_compatible(sae: SAE, model: Llama, what: str = "SAE") -> None:
-    """A one-line ValueError if the SAE cannot read this model's residual at its site."""
-    c, s = model.config, sae.spec
-    if s.d_in != c.hidden_size:
-        raise ValueError(f"{what}: width d_in expected the model's hidden size {c.hidden_size}, found {s.d_in}")
-    if not 0 <= s.hook_layer < c.num_layers:
-        raise ValueError(f"{what}: hook_layer expected 0..{c.num_layers - 1} (the model has {c.num_layers} layers), found {s.hook_layer}")
 
 
 def site_names(index: int, num_layers: int) -> list[str]:
@@ -234,7 +225,8 @@ class Evaluation:
         atomic_write_text(out / "eval.json", json.dumps(self.to_json(), indent=2) + "\n")
         with atomic_file(out / "feature_density.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, self.density.astype(np.float32))
-        plot_density(self.density, out / "feature_density.png", title=f"layer {self.layer} {self.site}, {self.tokens} tokens")
+        plot_density(self.density, out / "feature_density.png", title=f"layer {self.layer} {self.site}, {self.tokens} tokens",
+                     dense_threshold=self.dense_threshold, tokens=self.tokens)
         return out
 
 
@@ -246,12 +238,15 @@ def evaluate(
     *,
     lm: bool = True,
     dense_threshold: float = DENSE_THRESHOLD,
+    progress: bool = False,
 ) -> Evaluation:
     """Evaluate `sae` at its site on batches until `n_tokens` kept tokens (or the batches run out).
 
     Each batch: input_ids, attention_mask [S, T] and keep [S, T] bool. `lm=False`
-    skips the LM losses (no forward past the site check's residuals).
+    skips the LM losses (no forward past the site check's residuals). `progress`: a bar of kept tokens.
     """
+    from tqdm import tqdm
+
     check_compatible(sae, model)
     L, nl = sae.spec.hook_layer, model.config.num_layers
     scan = neighbour_indices(L, nl)
@@ -261,6 +256,7 @@ def evaluate(
     lm_sums: dict[str, float] = {}
     fired = np.zeros(sae.spec.n_latents, np.int64)
     sequences = 0
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="evaluating", disable=not progress, dynamic_ncols=True)
     for batch in batches:
         if sums["tokens"] >= n_tokens:
             break
@@ -277,6 +273,8 @@ def evaluate(
         for k, v in out.get("lm", {}).items():
             lm_sums[k] = lm_sums.get(k, 0.0) + float(v)
         sequences += ids.shape[0]
+        bar.update(min(float(r["tokens"]), n_tokens - bar.n))
+    bar.close()
     n = sums["tokens"]
     if n == 0:
         raise ValueError("evaluation data: expected kept tokens, found none")

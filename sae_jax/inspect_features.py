@@ -13,7 +13,6 @@ kept tokens of a dataset for the largest activations of chosen latents.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import heapq
 from typing import Iterable, NamedTuple, Sequence
@@ -25,32 +24,9 @@ from flax import nnx
 
 from sae_jax.chat import ROLES, ChatTokens
 from sae_jax.data.text import TokenBatch
-from sae_jax.evaluate import check_compatible
+from sae_jax.attach import check_compatible, check_feature, narrow
 from sae_jax.llama.model import Llama, residuals, site_index
-from sae_jax.sae import SAE, SAEParams, encode
-
-
-def check_feature(sae: SAE, feature: int) -> int:
-    """`feature` as an int, or a one-line ValueError naming the SAE's range."""
-    n = sae.spec.n_latents
-    if isinstance(feature, bool) or not isinstance(feature, (int, np.integer)) or not 0 <= feature < n:
-        raise ValueError(f"feature: expected an id in 0..{n - 1} (the SAE has {n} latents), found {feature!r}")
-    return int(feature)
-
-
-def narrow(sae: SAE, features: Sequence[int]) -> tuple[SAE, np.ndarray | None]:
-    """(an SAE, indices) whose codes, indexed, are the chosen latents' codes [..., F].
-
-    For relu each latent is its own column, so the SAE is cut down to the chosen
-    ones (indices None); for topk whether a latent fires depends on the others,
-    so the whole SAE encodes and the indices pick.
-    """
-    idx = np.asarray([check_feature(sae, i) for i in features], np.int32)
-    if sae.spec.architecture != "relu":
-        return sae, idx
-    p = sae.params
-    params = SAEParams(p.W_enc[:, idx], p.b_enc[idx], p.W_dec[idx], p.b_dec)
-    return SAE(params, dataclasses.replace(sae.spec, n_latents=len(idx))), None
+from sae_jax.sae import SAE, encode
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="site")
@@ -129,13 +105,17 @@ def top_contexts(
     top: int = 10,
     before: int = 12,
     after: int = 4,
+    progress: bool = False,
 ) -> dict[int, list[Context]]:
     """{feature: its `top` largest activations over the kept tokens, largest first}, scanning until `n_tokens` kept tokens.
 
     Each context holds up to `before` tokens before the token and `after` after it.
-    Latents that never fire on the scanned tokens get an empty list.
+    Latents that never fire on the scanned tokens get an empty list. `progress`: a bar of kept tokens.
     """
+    from tqdm import tqdm
+
     features = [check_feature(sae, i) for i in features]
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="scanning", disable=not progress, dynamic_ncols=True)
     heaps: dict[int, list] = {i: [] for i in features}
     seen, seq = 0, 0
     for batch in batches:
@@ -144,6 +124,7 @@ def top_contexts(
         f = codes(model, sae, batch.input_ids, batch.attention_mask, features)  # [S, T, F]
         keep = np.asarray(batch.keep, bool)
         seen += int(keep.sum())
+        bar.update(min(int(keep.sum()), n_tokens - bar.n))
         for j, i in enumerate(features):
             a = np.where(keep & (f[..., j] > 0), f[..., j], -np.inf)
             flat = a.ravel()
@@ -158,6 +139,7 @@ def top_contexts(
                 elif item > heaps[i][0][0]:
                     heapq.heapreplace(heaps[i], (item, _window(batch, s, t, before, after)))
         seq += len(batch.input_ids)
+    bar.close()
     return {i: [Context(a, -s, -t, ids, at) for (a, s, t), (ids, at) in sorted(heaps[i], reverse=True)] for i in features}
 
 

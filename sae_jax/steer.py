@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax.evaluate import check_compatible
-from sae_jax.inspect_features import check_feature, narrow
+from sae_jax.attach import check_compatible, check_feature, narrow
 from sae_jax.llama.generate import generate
 from sae_jax.llama.model import Edit, Llama
 from sae_jax.sae import SAE, encode

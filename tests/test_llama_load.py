@@ -150,10 +150,10 @@ def test_shard_listed_but_absent_is_one_line(tmp_path, folder):
 @pytest.mark.parametrize(
     "edit, needle",
     [
-        (lambda d: d.pop("hidden_size"), "missing key 'hidden_size'"),
-        (lambda d: d.update(num_hidden_layers="12"), "num_hidden_layers: expected int, found '12'"),
+        (lambda d: d.pop("hidden_size"), "hidden_size: expected int, found the key missing"),
+        (lambda d: d.update(num_hidden_layers="12"), "num_hidden_layers: expected an integer, found str '12'"),
         (lambda d: d["rope_parameters"].update(rope_type="yarn"), "rope_parameters.rope_type: expected 'llama3' or 'default', found 'yarn'"),
-        (lambda d: d["rope_parameters"].pop("factor"), "rope_parameters: missing key 'factor'"),
+        (lambda d: d["rope_parameters"].pop("factor"), "rope_parameters: factor: expected float, found the key missing"),
         (lambda d: d.update(num_key_value_heads=3), "num_heads: expected a multiple of num_kv_heads=3, found 4"),
         (lambda d: d.update(attention_bias=True), "attention_bias: expected false, found True"),
     ],

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     tok = load_checked_tokenizer(text.tokenizer, s.model)
     say(f"evaluating on {args.tokens} tokens of {text.path}")
     result = evaluate(s.model, s.sae, text_batches(text, args.skip_rows, tok), args.tokens, lm=not args.no_lm,
-                      dense_threshold=args.dense_threshold)
+                      dense_threshold=args.dense_threshold, progress=True)
     print(f"SAE {args.sae} on {args.model}, data {text.path}")
     print(result.table())
     if args.out:

@@ -45,6 +45,7 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sae_jax import inspect_features as F
+    from sae_jax.attach import check_feature
     from sae_jax.chat import read_conversation
     from sae_jax.cli.session import load_checked_tokenizer, open_session, tokenizer_name
 
@@ -71,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
     text.check("data")
     s = open_session(args)
     for i in args.feature:
-        F.check_feature(s.sae, i)
+        check_feature(s.sae, i)
     tok = load_checked_tokenizer(text.tokenizer, s.model)
     say(f"scanning {args.tokens} tokens of {args.data} for {len(args.feature)} features")
     found = F.top_contexts(s.model, s.sae, text_batches(text, 0, tok), args.feature, args.tokens,
-                           top=args.top, before=args.before, after=args.after)
+                           top=args.top, before=args.before, after=args.after, progress=True)
     print(F.format_contexts(found, tok))
     return 0

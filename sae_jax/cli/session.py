@@ -50,7 +50,7 @@ def tokenizer_name(model_dir: str | Path, name: str | None) -> str:
 
 def open_session(args: argparse.Namespace) -> Session:
     """Load the model and SAE named by `add_args`' arguments and check they fit each other."""
-    from sae_jax.evaluate import check_compatible
+    from sae_jax.attach import check_compatible
     from sae_jax.formats import load_sae, quiet_orbax
     from sae_jax.llama import load
 

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sae_jax.chat import format_chat
     from sae_jax.cli.session import load_checked_tokenizer, open_session
-    from sae_jax.inspect_features import check_feature
+    from sae_jax.attach import check_feature
     from sae_jax.llama.generate import generate
     from sae_jax.steer import steering_edit
 

@@ -172,6 +172,16 @@ def check_sae(sae: SAE, where: str | Path) -> None:
     check_tensors(where, arrays, sae.spec.shapes())
 
 
+def positive_int(path: Path, cfg: dict, key: str) -> int:
+    """cfg[key] as a positive integer (a whole float such as 2048.0 counts), or a one-line SAEFormatError."""
+    value = cfg.get(key)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise error(path, key, "a positive integer", json.dumps(value))
+    return value
+
+
 def read_json_object(path: Path) -> dict:
     """The JSON object in `path`, or a one-line SAEFormatError naming the file."""
     return typed.read_json_object(path, SAEFormatError)

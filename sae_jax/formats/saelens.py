@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax.formats.common import (
+    positive_int,
     SAEFormatError, check_tensors, error, from_numpy, make_spec, metadata_of, metadata_text, narrowed, read_json_object,
     to_numpy, widened,
 )
@@ -80,7 +81,7 @@ def load_saelens(folder: Path, hook_layer: int | None = None, hook_site: Site | 
     meta = _metadata(cfg)
     arch, k = _architecture(cfg_path, cfg)
     _check_math(cfg_path, cfg, meta, arch)
-    D, N = (_int_field(cfg_path, cfg, key) for key in ("d_in", "d_sae"))
+    D, N = (positive_int(cfg_path, cfg, key) for key in ("d_in", "d_sae"))
     layer, site = _hook(cfg_path, meta, hook_layer, hook_site)
     weights = folder / WEIGHTS
     if not weights.is_file():
@@ -180,7 +181,7 @@ def _architecture(path: Path, cfg: dict) -> tuple[str, int | None]:
         hint = " (BatchTopK and Matryoshka SAEs are saved for inference as jumprelu)" if arch in (
             "batchtopk", "matryoshka_batchtopk") else ""
         raise error(path, "architecture", f'"standard", "topk", "jumprelu" or "gated"{hint}', json.dumps(arch))
-    return arch, _int_field(path, cfg, "k") if arch == "topk" else None
+    return arch, positive_int(path, cfg, "k") if arch == "topk" else None
 
 
 def _check_math(path: Path, cfg: dict, meta: dict, arch: str) -> None:
@@ -244,15 +245,6 @@ def _gated_as_jumprelu(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         e = np.exp(a["r_mag"])
         return {"W_enc": a["W_enc"] * e, "b_enc": a["b_mag"], "W_dec": a["W_dec"], "b_dec": a["b_dec"],
                 "threshold": np.maximum(a["b_mag"] - e * a["b_gate"], 0.0)}
-
-
-def _int_field(path: Path, cfg: dict, key: str) -> int:
-    value = cfg.get(key)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise error(path, key, "a positive integer", json.dumps(value))
-    return value
 
 
 def _hook(path: Path, meta: dict, hook_layer: int | None, hook_site: Site | None) -> tuple[int, Site]:

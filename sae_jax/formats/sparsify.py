@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax.formats.common import (
+    positive_int,
     check_tensors, error, from_numpy, make_spec, metadata_of, metadata_text, narrowed, read_json_object, to_numpy,
     transposed, widened,
 )
@@ -64,9 +65,9 @@ def load_sparsify(folder: Path, hook_layer: int | None = None, hook_site: Site |
     if cfg.get("activation", "topk") != "topk":
         raise error(cfg_path, "activation", '"topk" (sparsify\'s groupmax has no sae-jax architecture)',
                     json.dumps(cfg["activation"]))
-    D, k = _int(cfg_path, cfg, "d_in"), _int(cfg_path, cfg, "k")
-    N = cfg.get("num_latents") or _int(cfg_path, cfg, "expansion_factor") * D
-    N = _int(cfg_path, {"num_latents": N}, "num_latents")
+    D, k = positive_int(cfg_path, cfg, "d_in"), positive_int(cfg_path, cfg, "k")
+    N = cfg.get("num_latents") or positive_int(cfg_path, cfg, "expansion_factor") * D
+    N = positive_int(cfg_path, {"num_latents": N}, "num_latents")
     layer, site = _hook(folder, cfg, hook_layer, hook_site)
     weights = folder / WEIGHTS
     if not weights.is_file():
@@ -148,10 +149,3 @@ def _run_metadata(folder: Path) -> dict:
     return {k: v for k, v in fields.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
 
 
-def _int(path: Path, cfg: dict, key: str) -> int:
-    value = cfg.get(key)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise error(path, key, "a positive integer", json.dumps(value))
-    return value

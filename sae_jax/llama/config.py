@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sae_jax import typed
+
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so np.dtype("bfloat16") resolves
 import numpy as np
 
@@ -75,18 +77,9 @@ class LlamaConfig:
         return self.num_heads // self.num_kv_heads
 
 
-def _get(d: dict, key: str, kind: type, where: str, default: Any = dataclasses.MISSING) -> Any:
-    """d[key] checked against `kind`; a missing or mistyped value is a one-line LlamaLoadError."""
-    if key not in d or d[key] is None:
-        if default is dataclasses.MISSING:
-            raise LlamaLoadError(f"{where}: missing key {key!r} (expected {kind.__name__})")
-        return default
-    value = d[key]
-    # bool is an int subclass in Python, and JSON writes 32 as 32 where a float is meant.
-    ok = kind is bool if isinstance(value, bool) else isinstance(value, (int, float) if kind is float else kind)
-    if not ok:
-        raise LlamaLoadError(f"{where}: {key}: expected {kind.__name__}, found {value!r}")
-    return float(value) if kind is float else value
+def _get(d: dict, key: str, kind: type, where: str, default: Any = typed.MISSING) -> Any:
+    """d[key] as `kind` (`typed.get`); a missing or mistyped value is a one-line LlamaLoadError."""
+    return typed.get(d, key, kind, where, default, LlamaLoadError)
 
 
 def _rope(d: dict, where: str) -> tuple[float, RopeScaling | None]:
