@@ -38,16 +38,11 @@ from sae_jax.atomic import atomic_write_text, remove_leftovers
 
 @dataclasses.dataclass
 class RunResult:
-    state: TrainState | None  # None when the run was already complete
+    state: TrainState
     scale: float  # the input scale the params were trained at
     run_dir: Path
-    sae: SAE | None  # the exported SAE (raw-activation units), None if stopped early or already complete
+    sae: SAE | None  # the exported SAE (raw-activation units), None if stopped early
     start: int  # the step this call began at: 0, or the checkpoint it resumed from
-    complete: bool = False  # the run was already finished: nothing was trained, exported or evaluated
-
-    @property
-    def state_step(self) -> int:
-        return int(self.state.step) if self.state is not None else self.start
 
 
 def estimate_scale(source: Source, n_batches: int, d_in: int) -> float:
@@ -160,15 +155,13 @@ def is_complete(cfg: Config) -> bool:
 def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True, say=_quiet) -> RunResult:
     """Train (or resume) the run `cfg` describes. `stop_after`: return after that step without a final save, as if killed.
 
-    `say(line)` hears each phase (loading, resuming, compiling, exporting). A run already complete returns at
-    once. The config is checked against the data (the model's width and layers) before anything is written.
+    `say(line)` hears each phase (loading, resuming, compiling, exporting). The config is checked against the
+    data (the model's width and layers) before anything is written.
     Ctrl-C waits for the checkpoint being written, then raises `Interrupted` naming the one kept.
     With `mesh.distributed`, every process calls this with the same `cfg` (sharding.start_distributed runs first).
     """
     if cfg.mesh.distributed:
         sharding.start_distributed()
-    if stop_after is None and is_complete(cfg):
-        return RunResult(None, float("nan"), Path(cfg.run.out_dir), None, cfg.train.steps, complete=True)
     say(f"opening the {cfg.data.source} source" + (f" (model {cfg.data.model.path})" if cfg.data.source == "llama" else ""))
     source = make_source(cfg)
     run_dir = open_run_dir(cfg)

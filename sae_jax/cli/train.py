@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from sae_jax.cli.session import say
 
@@ -34,27 +35,35 @@ def run(args: argparse.Namespace) -> int:
 
     keep_freed_memory()  # before any JAX computation; see sae_jax/malloc.py
     from sae_jax.formats import quiet_orbax
-    from sae_jax.run import train, writes_files
+    from sae_jax.run import is_complete, train, writes_files
 
-    quiet_orbax()
-    result = train(cfg, progress=not args.no_progress, say=say)
-    if not writes_files():  # one of several processes: process 0 reports
-        return 0
-    run_dir = result.run_dir
-    if result.complete:
-        print(f"run {run_dir} is complete ({int(result.state_step)} steps); nothing to do")
-    print(f"trained {int(result.state_step)} steps; SAE exported to {run_dir / 'sae'}")
+    run_dir = Path(cfg.run.out_dir)
+    if is_complete(cfg):  # the run's files say it finished: report it, touch nothing
+        print(f"run {run_dir} is complete ({cfg.train.steps} steps); nothing to do")
+        steps = cfg.train.steps
+    else:
+        quiet_orbax()
+        result = train(cfg, progress=not args.no_progress, say=say)
+        if not writes_files():  # one of several processes: process 0 reports
+            return 0
+        steps = int(result.state.step)
+    print(f"trained {steps} steps; SAE exported to {run_dir / 'sae'}")
     summary = run_dir / "eval.json"
     if summary.exists():
         print(held_out_line(json.loads(summary.read_text()), cfg.sae.n_latents))
-    print(f"outputs: {run_dir / 'sae'} (the SAE), {run_dir / 'metrics.jsonl'}, {summary}, {run_dir / 'checkpoints'}")
-    print("next:")
-    config = f" --config {args.config}" if cfg.data.source == "llama" else ""
-    if cfg.data.source == "llama":
-        print(f"  sae-jax evaluate{config}")
-    print(f"  sae-jax plot {run_dir}")
-    print(f"  sae-jax convert {run_dir / 'sae'} {run_dir / 'release.safetensors'}")
+    say(f"outputs: {run_dir / 'sae'} (the SAE), {run_dir / 'metrics.jsonl'}, {summary}, {run_dir / 'checkpoints'}")
+    say("next: " + "; ".join(next_commands(cfg, args.config)))
     return 0
+
+
+def next_commands(cfg, config: str) -> list[str]:
+    """The commands that use a finished run, with its real paths."""
+    run_dir = Path(cfg.run.out_dir)
+    out = [f"sae-jax evaluate --config {config}"]
+    out.append(f"sae-jax plot {run_dir}")
+    release = "release.safetensors" if cfg.sae.architecture == "relu" else "saelens --to saelens"
+    out.append(f"sae-jax convert {run_dir / 'sae'} {run_dir / release}")
+    return out
 
 
 def held_out_line(e: dict, n_latents: int) -> str:
