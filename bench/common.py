@@ -79,9 +79,14 @@ def json_line(name: str, **payload) -> str:
 # --- model FLOPs, for utilisation against a peak ------------------------------------
 
 
-def sae_train_flops_per_token(D: int, N: int) -> float:
-    """6 x params per token (forward 2x, backward 4x) for the dense SAE's 2*D*N weights; the sparse kernel does far fewer."""
-    return 6.0 * 2 * D * N
+def sae_train_flops_per_token(D: int, N: int, k_active: float | None = None) -> float:
+    """The FLOPs one token's training step needs.
+
+    Dense (k_active None): 10·D·N, five [.., D] x [D, N] products (encoder and decoder forward; the codes',
+    W_enc's and W_dec's gradients; no input gradient). Sparse: 4·D·N (encoder forward, x^T @ dpre) plus
+    6·k_active·D for the active pairs (decode, the codes' gradient, W_dec's gradient).
+    """
+    return 10.0 * D * N if k_active is None else 4.0 * D * N + 6.0 * k_active * D
 
 
 def llama_forward_flops_per_token(sizes: dict, layers: int, context: int) -> float:

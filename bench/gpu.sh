@@ -6,7 +6,8 @@
 #   bench/gpu.sh harvest    # only the named benchmarks (sae_step, harvest, pipeline), to fit a time limit
 #
 # MFU is against PEAK_TFLOPS, default 989: NVIDIA's H100 SXM dense bf16 figure
-# (no sparsity). Set PEAK_TFLOPS=756 for an H100 PCIe, 989 also for an H200.
+# (no sparsity). Set PEAK_TFLOPS=756 for an H100 PCIe, 989 also for an H200. The SAE step counts
+# 10·D·N FLOPs per token dense, 4·D·N + 6·K·D sparse (bench/common.py: sae_train_flops_per_token).
 # Needs JAX with CUDA (pip install -e '.[cuda12,test]'). Each benchmark's
 # output goes to the terminal and to $OUT (or bench/out/), ending in one JSON line.
 set -euo pipefail
@@ -33,12 +34,12 @@ run() {  # name, then the command; the output is kept in $DEST/name.txt
 }
 
 if [ "$SMOKE" = 1 ]; then
-  run sae_step "$PY" bench/sae_step.py --shapes smoke --archs relu,topk --variants jax-dense,jax-sparse,jax-sparse-scatter,jax-sparse-bf16,torch-fused --rounds 2 --peak-tflops "$PEAK"
+  run sae_step "$PY" bench/sae_step.py --shapes smoke --archs relu,topk --variants jax-auto,jax-dense,jax-sparse,jax-sparse-scatter,jax-sparse-bf16,torch-fused,torch-sparse --rounds 2 --peak-tflops "$PEAK"
   run harvest "$PY" bench/harvest.py --preset smoke --seqs 2 --context 32 --rounds 2 --peak-tflops "$PEAK"
   run pipeline "$PY" bench/pipeline.py --preset smoke --seqs 2 --context 32 --batch 32 --buffer 256 --steps 4 --warmup 2 --peak-tflops "$PEAK"
 else
   run sae_step "$PY" bench/sae_step.py --shapes gpu --archs relu,topk \
-    --variants jax-dense,jax-sparse,jax-sparse-scatter,jax-dense-bf16,jax-sparse-bf16,jax-sparse-scatter-bf16,torch-eager,torch-fused,torch-compile --rounds 7 --peak-tflops "$PEAK"
+    --variants jax-auto,jax-dense,jax-sparse,jax-sparse-scatter,jax-dense-bf16,jax-sparse-bf16,jax-sparse-scatter-bf16,torch-eager,torch-fused,torch-compile,torch-sparse --rounds 7 --peak-tflops "$PEAK"
   run harvest "$PY" bench/harvest.py --preset 1b --seqs 8 --context 1024 --dtype bfloat16 --rounds 7 --peak-tflops "$PEAK"
   run pipeline_dense "$PY" bench/pipeline.py --preset 1b --seqs 8 --context 1024 --dtype bfloat16 --batch 4096 \
     --sae-dtype bfloat16 --buffer 262144 --steps 64 --warmup 8 --peak-tflops "$PEAK"

@@ -206,8 +206,8 @@ class TrainConfig:
     scale_batches: int = opt(10, "Batches used to estimate the input scale that makes the mean norm sqrt(D).")
     seed: int = opt(0, "Seed of the SAE init.")
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "A non-finite loss, gradient or input: 'stop' (exit non-zero, keep the last good checkpoint) or 'skip' the batch and count it.")
-    kernel: Literal["dense", "sparse"] = opt("dense", "'dense' (the reference) or 'sparse': decode and both weight gradients over the active latents only, O(B*K*D) instead of O(B*N*D); same loss and gradients.")
-    sparse_k_max: int = opt(128, "Active-latent cap per token of the sparse kernel for relu (about 2x the release's L0 of 63; its work grows with it): a batch with a token above it runs dense, exact either way, and logs dense_fallback = 1.")
+    kernel: Literal["auto", "dense", "sparse"] = opt("auto", "'dense' (the reference), 'sparse' (decode and W_dec's gradient over the active latents only; same loss and gradients) or 'auto': sparse for relu and topk when N >= 256x the per-token budget (sparse_k_max; k), else dense (as measured faster); metrics say which (kernel_sparse).")
+    sparse_k_max: int = opt(128, "Per-token budget of active latents of relu's sparse kernel (about 2x the release's L0 of 63): tokens over it are computed densely, the whole step when more than 1/16 of the batch is; exact either way.")
     sparse_encoder_grad: Literal["matmul", "scatter"] = opt("matmul", "How the sparse kernel forms W_enc's gradient: 'matmul' (one dense GEMM x^T @ dpre, O(B*N*D)) or 'scatter' (O(B*K*D): a scatter-add, then a transpose into W_enc's [D, N] layout). On a 2-core CPU at the release shape 'matmul' steps 1.7-2.5x faster (bench/sae_step.py).")
     compute_dtype: Literal["float32", "bfloat16"] = opt("float32", "Dtype of the matmul inputs (accumulated in float32); params and Adam state stay float32.")
 

@@ -32,7 +32,8 @@ def squared_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 def weighted_l1(params: SAEParams, f: jax.Array) -> jax.Array:
     """f: [B, N] -> [] mean over B of sum_i f_i * |W_dec row i|."""
     dec_norms = jnp.linalg.norm(params.W_dec.astype(jnp.float32), axis=1)
-    return jnp.mean(f @ dec_norms)
+    # Elementwise, not f @ dec_norms: no float32 product over [B, N] under bfloat16, and the sparse kernel's sum.
+    return jnp.mean(jnp.sum(f * dec_norms, axis=-1))
 
 
 def matmul(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:

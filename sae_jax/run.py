@@ -32,7 +32,7 @@ from sae_jax.data import Source, make_source
 from sae_jax.errors import Interrupted
 from sae_jax.metrics import quick_eval
 from sae_jax.sae import SAE, fold_input_scale
-from sae_jax.trainer import NONFINITE, TrainState, abstract_state, init_state, make_step, spec_from_config
+from sae_jax.trainer import NONFINITE, STEP_AVERAGED, kernel, TrainState, abstract_state, init_state, make_step, spec_from_config
 from sae_jax.atomic import atomic_write_text, remove_leftovers
 
 
@@ -87,8 +87,8 @@ def open_run_dir(cfg: Config) -> Path:
 
 
 # train.* keys that change how the step is computed, not what: the same loss and gradients up to
-# the order of float32 sums, so a run may resume with another value. (compute_dtype is not one:
-# bfloat16 matmul inputs change the numbers.)
+# the order of float32 sums (in bfloat16 too: both kernels multiply the same bf16 inputs), so a run
+# may resume with another value. (compute_dtype is not one: bfloat16 matmul inputs change the numbers.)
 SPEED_ONLY = {"train.kernel", "train.sparse_k_max", "train.sparse_encoder_grad"}
 
 
@@ -242,13 +242,17 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
     end = t.steps if stop_after is None else min(t.steps, stop_after)
     bar = tqdm(total=t.steps, initial=start, disable=not progress or not writes_files(), unit="step", dynamic_ncols=True)
     if start < end:
-        say(f"compiling the training step (B={B}, D={cfg.sae.d_in}, N={cfg.sae.n_latents}); the first step waits on it")
-    last_time, last_step, skipped = time.perf_counter(), start, 0
+        which = kernel(spec_from_config(cfg), t, cfg.sae)
+        say(f"compiling the training step (B={B}, D={cfg.sae.d_in}, N={cfg.sae.n_latents}, kernel {which}"
+            f"{' from auto' if t.kernel == 'auto' else ''}); the first step waits on it")
+    last_time, last_step, skipped, since_log = time.perf_counter(), start, 0, {}
     with open(metrics_path, "a") if writes_files() else contextlib.nullcontext() as mfile:
         pos = source.state()
         x = put(source.next_batch()) if start < end else None
         for step in range(start, end):
             state, m = step_fn(state, x, scale_dev)
+            # Which way each step went, summed on the device until the next log line (no sync per step).
+            since_log = {k: m[k] + since_log.get(k, 0.0) for k in STEP_AVERAGED if k in m}
             done = step + 1
             # The next batch is prepared while the step runs; `pos` is where it starts.
             pos = source.state()
@@ -258,7 +262,9 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
             if log_now or save_now:
                 skipped = _check_finite(state, done, t.on_nonfinite, ckpts)
             if log_now:
-                m = {k: float(v) for k, v in sharding.to_host(m).items()}
+                m = {k: float(v) for k, v in sharding.to_host({**m, **since_log}).items()}
+                m.update({k: m[k] / (done - last_step) for k in since_log})
+                since_log = {}
                 now = time.perf_counter()
                 m.update(step=done, tokens=done * B, tokens_per_s=(done - last_step) * B / max(now - last_time, 1e-9), skipped=skipped)
                 if cfg.run.eval_every and done % cfg.run.eval_every == 0 and x is not None:

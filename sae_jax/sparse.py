@@ -5,17 +5,23 @@ TopK has exactly `k` active latents per token, and a trained ReLU SAE about L0
 `x @ W_enc` ([B, D] x [D, N]) must be dense. The rest works on the [B, K]
 active pairs (latent index, pre-activation): decoding gathers K decoder rows
 per token and W_dec's gradient is a scatter-add into those rows, both
-O(B·K·D) instead of O(B·N·D). W_enc's gradient, by `encoder_grad`: "scatter"
+O(B·K·D) instead of O(B·N·D). W_enc's gradient, by `encoder_grad`: "matmul",
+the default, is one GEMM x^T @ dpre with the sparse dpre written out (every
+cotangent of pre, main, AuxK and dense rows, summed into it first); "scatter"
 adds x_b * g into the K active columns (O(B·K·D), beside dW_dec in the same
-scatter, then one transpose into W_enc's [D, N] layout); "matmul", the
-default, is the one GEMM x^T @ dpre with the sparse dpre written out. On CPU
-XLA's scatter and that transpose cost more than the GEMM they save
-(bench/sae_step.py); `bench/gpu.sh` measures both on a GPU.
+scatter, then one transpose into W_enc's [D, N] layout). On CPU XLA's scatter
+and that transpose cost more than the GEMM they save (bench/sae_step.py).
 
-ReLU: the `k_max` largest pre-activations of a token hold all its positive
-ones whenever it has at most `k_max`; a batch where some token has more is
-differentiated densely instead (`lax.cond`), so the path is exact either way.
-A fresh ReLU SAE has about N/2 active latents, so early training runs dense.
+ReLU is sparse by token: the `k_max` largest pre-activations of a token hold
+all its positive ones whenever it has at most `k_max`. The few tokens above
+that budget go through the dense formulas, as `n_rows` static rows of the
+batch (the tokens with the most active latents); only when more than `n_rows`
+tokens exceed the budget does the whole step run dense (`route`). Every path
+is exact: a fresh ReLU SAE, with about N/2 active latents, simply runs dense.
+
+Under `compute_dtype` bfloat16 every product takes bfloat16 inputs and
+accumulates in float32, as the dense kernel's do (`loss.matmul`), so the two
+kernels differ by the order of float32 sums only.
 
 `sparse_value_and_grad` returns what `jax.value_and_grad(loss.sae_loss,
 has_aux=True)` returns, up to float32 summation order.
@@ -24,59 +30,93 @@ has_aux=True)` returns, up to float32 summation order.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
-from sae_jax.loss import LossParts, matmul, sae_loss, squared_error
+from sae_jax.loss import LossParts, matmul, squared_error
 from sae_jax.sae import Forward, SAEParams, SAESpec
 
-# What the sparse branches differentiate: SAEParams' arrays, W_enc as the encoder
-# gradient's mode lays it out (see `_active`).
+F32 = jnp.float32
+# What the branches differentiate: SAEParams' arrays, W_enc as the encoder gradient's mode lays it out.
 Wrt = tuple  # (W_enc [D, N] ("matmul") or W_enc^T [N, D] ("scatter"), b_enc [N], W_dec [N, D], b_dec [D])
+# Budget of dense rows for relu's tokens above k_max, as a fraction of the batch (at least 1 row).
+DENSE_ROWS_FRACTION = 1 / 16
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _active(x, W_enc, b_enc, W_dec, pre, idx, encoder_grad):
-    """x: [B, D], pre: [B, N] (= x @ W_enc + b_enc, computed once), idx: [B, K] -> (pre at idx [B, K], W_dec rows [B, K, D]).
+def dense_rows(batch: int) -> int:
+    """The static number of rows relu's sparse step handles densely for a batch of `batch` tokens."""
+    return max(1, math.ceil(batch * DENSE_ROWS_FRACTION))
 
-    W_enc and b_enc enter only through their gradient; `pre` carries none.
-    dW_dec is a scatter-add of the rows' gradients. dW_enc, by `encoder_grad`:
-    "scatter" takes W_enc as W_enc^T [N, D] and scatters x_b * g into row idx
-    beside dW_dec's (O(B*K*D)); "matmul" takes W_enc [D, N] and forms
-    x^T @ dpre with the sparse [B, N] dpre written out (one O(B*N*D) GEMM, but
-    no scatter and no transpose; faster on CPU, see bench/sae_step.py).
+
+def _rounded(a: jax.Array, dtype) -> jax.Array:
+    """a rounded to `dtype` and back to float32: a product of two such is exact in float32."""
+    return a.astype(dtype).astype(F32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype):
+    """x: [B, D], pre: [B, N] (= x @ W_enc + b_enc, computed once), idx: [B, K], rows: [R] or None (all B)
+
+    -> (pre at idx [B, K], W_dec's rows at idx [B, K, D], pre's rows `rows` [R, N]).
+    W_enc and b_enc enter only through their gradient; `pre` carries none. idx
+    may repeat a latent within a token (main and AuxK sets): cotangents add.
     """
-    return jnp.take_along_axis(pre, idx, axis=-1), jnp.take(W_dec, idx, axis=0, mode="clip")  # idx from top_k: in range
+    dense = pre if rows is None else jnp.take(pre, rows, axis=0, mode="clip")
+    # idx and rows come from top_k: always in range.
+    return jnp.take_along_axis(pre, idx, axis=-1, mode="clip"), jnp.take(W_dec, idx, axis=0, mode="clip"), dense
 
 
-def _active_fwd(x, W_enc, b_enc, W_dec, pre, idx, encoder_grad):
-    return _active(x, W_enc, b_enc, W_dec, pre, idx, encoder_grad), (x, idx, W_dec)  # W_dec only for its shape
+def _active_fwd(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype):
+    out = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype)
+    return out, (x, idx, rows, jax.ShapeDtypeStruct(W_dec.shape, W_dec.dtype))
 
 
-def _active_bwd(encoder_grad, res, cot):
-    """(g_vals [B, K], g_rows [B, K, D]) -> (None, dW_enc, db_enc [N], dW_dec [N, D], None, None)."""
-    x, idx, W_dec = res
-    g_vals, g_rows = cot
-    (N, D), flat = W_dec.shape, idx.reshape(-1)
-    x = x.astype(jnp.float32)
-    db_enc = jnp.zeros((N,), jnp.float32).at[flat].add(g_vals.reshape(-1))
+def _active_bwd(encoder_grad, dtype, res, cot):
+    """(g_vals [B, K], g_rows [B, K, D], g_dense [R, N]) -> (None, dW_enc, db_enc [N], dW_dec [N, D], None x 3)."""
+    x, idx, rows, w = res
+    g_vals, g_rows, g_dense = cot
+    (N, D), B, flat = w.shape, x.shape[0], idx.reshape(-1)
+    db_enc = jnp.zeros((N,), F32).at[flat].add(g_vals.reshape(-1)) + jnp.sum(g_dense, axis=0)
     if encoder_grad == "matmul":
-        dpre = jnp.put_along_axis(jnp.zeros((x.shape[0], N), jnp.float32), idx, g_vals, axis=-1, inplace=False)
-        dW_dec = jnp.zeros((N, D), jnp.float32).at[flat].add(g_rows.reshape(-1, D).astype(jnp.float32))
-        return None, x.T @ dpre, db_enc, dW_dec, None, None
+        dpre = g_dense if rows is None else jnp.zeros((B, N), F32).at[rows].add(g_dense)
+        dpre = dpre.at[jnp.arange(B)[:, None], idx].add(g_vals)
+        dW_enc = jnp.matmul(x.astype(dtype).T, dpre.astype(dtype), preferred_element_type=F32)
+        dW_dec = jnp.zeros((N, D), F32).at[flat].add(g_rows.reshape(-1, D))
+        return None, dW_enc, db_enc, dW_dec, None, None, None
     # One scatter of [2, D] windows: row n of dW_dec and of dW_enc^T side by side.
-    upd = jnp.stack([g_rows.astype(jnp.float32), g_vals[..., None] * x[:, None, :]], axis=2)
-    both = jnp.zeros((N, 2, D), jnp.float32).at[flat].add(upd.reshape(-1, 2, D))
-    return None, both[:, 1], db_enc, both[:, 0], None, None
+    xg = _rounded(g_vals, dtype)[..., None] * _rounded(x, dtype)[:, None, :]
+    both = jnp.zeros((N, 2, D), F32).at[flat].add(jnp.stack([g_rows, xg], axis=2).reshape(-1, 2, D))
+    dW_encT = both[:, 1]
+    if g_dense.shape[0]:
+        x_rows = x if rows is None else jnp.take(x, rows, axis=0)
+        dW_encT = dW_encT + jnp.matmul(g_dense.astype(dtype).T, x_rows.astype(dtype), preferred_element_type=F32)
+    return None, dW_encT, db_enc, both[:, 0], None, None, None
 
 
 _active.defvjp(_active_fwd, _active_bwd)
 
 
-def fits_sparse(pre: jax.Array, k_max: int) -> jax.Array:
-    """pre: [B, N] -> [] bool: no token has more than k_max positive pre-activations (relu's sparse path is exact)."""
-    return jnp.max(jnp.sum(pre > 0, axis=-1)) <= k_max
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _decode(a: jax.Array, rows: jax.Array, dtype) -> jax.Array:
+    """a: [B, K], rows: [B, K, D] -> sum_k a_k rows_k [B, D] float32, from `dtype` inputs (backward too)."""
+    return jnp.einsum("bk,bkd->bd", a.astype(dtype), rows.astype(dtype), preferred_element_type=F32)
+
+
+def _decode_fwd(a, rows, dtype):
+    return _decode(a, rows, dtype), (a, rows)
+
+
+def _decode_bwd(dtype, res, g):
+    a, rows = res
+    g = g.astype(dtype)
+    da = jnp.einsum("bd,bkd->bk", g, rows.astype(dtype), preferred_element_type=F32)
+    # An outer product, no sum: elementwise in float32 is exactly the product of the rounded inputs.
+    return da, _rounded(a, dtype)[..., None] * g.astype(F32)[:, None, :]
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
 
 
 def dense_codes(idx: jax.Array, a: jax.Array, n: int) -> jax.Array:
@@ -84,37 +124,66 @@ def dense_codes(idx: jax.Array, a: jax.Array, n: int) -> jax.Array:
     return jnp.put_along_axis(jnp.zeros((a.shape[0], n), a.dtype), idx, a, axis=-1, inplace=False)
 
 
-def _decode(a: jax.Array, rows: jax.Array, dtype) -> jax.Array:
-    """a: [B, K], rows: [B, K, D] -> sum_k a_k rows_k [B, D] float32."""
-    return jnp.einsum("bk,bkd->bd", a.astype(dtype), rows.astype(dtype), preferred_element_type=jnp.float32)
+def route(pre: jax.Array, k_max: int, n_rows: int) -> tuple[jax.Array, jax.Array]:
+    """pre: [B, N] -> (path [] int32, over [] int32) of relu's sparse step; over: tokens with > k_max active latents.
+
+    path 0: every token sparse; 1: the `n_rows` fullest tokens dense, the rest
+    sparse (0 < over <= n_rows); 2: the whole batch dense.
+    """
+    over = jnp.sum(jnp.sum(pre > 0, axis=-1) > k_max).astype(jnp.int32)
+    return jnp.where(over == 0, 0, jnp.where(over <= n_rows, 1, 2)).astype(jnp.int32), over
 
 
-def _loss(wrt: Wrt, spec, x, pre, idx, *, l1_coefficient, dead, auxk_k, auxk_coefficient, dtype, with_auxk, encoder_grad):
-    """The loss from the active set idx [B, K] of pre [B, N]; x: [B, D] float32 -> (loss, (Forward, LossParts))."""
+def sparse_token_fraction(path: jax.Array, batch: int, n_rows: int) -> jax.Array:
+    """[] float32: the fraction of the batch's tokens relu's `path` handled sparsely."""
+    return jnp.array([1.0, 1.0 - n_rows / batch, 0.0], F32)[path]
+
+
+def _relu_loss(wrt: Wrt, x, pre, idx, rows, *, l1_coefficient, dtype, encoder_grad):
+    """relu's loss: tokens `rows` ([R], None for all) densely, the others from their active set idx [B, K]."""
     W_enc, b_enc, W_dec, b_dec = wrt
-    vals, rows = _active(x, W_enc, b_enc, W_dec, pre, idx, encoder_grad)
-    a = jax.nn.relu(vals)
-    x_hat = _decode(a, rows, dtype) + b_dec
-    recon = squared_error(x, x_hat)
-    zero = jnp.zeros((), jnp.float32)
-    if spec.architecture == "relu":
-        # sum_i f_i |W_dec,i| over the active set only: f is zero elsewhere.
-        norms = jnp.sqrt(jnp.sum(jnp.square(rows.astype(jnp.float32)), axis=-1))
-        sparsity = jnp.mean(jnp.sum(a * norms, axis=-1))
-        parts = LossParts(recon + l1_coefficient * sparsity, recon, sparsity, zero)
-    else:
-        aux = _auxk(wrt, x, pre, jax.lax.stop_gradient(x - x_hat), dead, auxk_k, dtype, encoder_grad) if with_auxk else zero
-        parts = LossParts(recon + auxk_coefficient * aux, recon, zero, aux)
-    return parts.loss, (Forward(x_hat, dense_codes(idx, a, spec.n_latents), pre), parts)
+    B, N = pre.shape
+    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype)
+    sparse_tok = jnp.ones((B,), bool)
+    if rows is not None and rows.shape[0]:
+        sparse_tok = sparse_tok.at[rows].set(False)
+    a = jnp.where(sparse_tok[:, None], jax.nn.relu(vals), 0.0)
+    x_hat = _decode(a, w_rows, dtype)
+    # sum_i f_i |W_dec,i| over the active set only: f is zero elsewhere.
+    penalty = jnp.sum(a * jnp.sqrt(jnp.sum(jnp.square(w_rows.astype(F32)), axis=-1)), axis=-1)
+    f = dense_codes(idx, a, N)
+    if pre_d.shape[0]:
+        f_d = jax.nn.relu(pre_d)
+        dec_d = matmul(f_d, W_dec, dtype)
+        pen_d = jnp.sum(f_d * jnp.linalg.norm(W_dec.astype(F32), axis=1), axis=-1)
+        if rows is None:
+            x_hat, penalty, f = dec_d, pen_d, f_d
+        else:
+            x_hat, penalty, f = x_hat.at[rows].add(dec_d), penalty.at[rows].add(pen_d), f.at[rows].set(f_d)
+    x_hat = x_hat + b_dec.astype(F32)
+    recon, sparsity = squared_error(x, x_hat), jnp.mean(penalty)
+    parts = LossParts(recon + l1_coefficient * sparsity, recon, sparsity, jnp.zeros((), F32))
+    return parts.loss, (Forward(x_hat, f, pre), parts)
 
 
-def _auxk(wrt: Wrt, x, pre, residual, dead, k, dtype, encoder_grad):
-    """`loss.auxk_error` over the k largest dead pre-activations only: O(B·k·D). Assumes some latent is dead."""
-    W_enc, b_enc, W_dec, _ = wrt
-    top, idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), min(k, pre.shape[-1]))
-    vals, rows = _active(x, W_enc, b_enc, W_dec, pre, idx, encoder_grad)
-    v = jnp.where(jnp.isfinite(top), jax.nn.relu(vals), 0.0)
-    return squared_error(residual, _decode(v, rows, dtype))
+def _topk_loss(wrt: Wrt, x, pre, idx, aux, *, auxk_coefficient, dtype, encoder_grad):
+    """topk's loss from its active set idx [B, k]; aux: None, or AuxK's (top values, idx) [B, k_aux] among dead latents.
+
+    One `_active` for both sets, so W_enc's gradient is one product over their summed cotangents.
+    """
+    W_enc, b_enc, W_dec, b_dec = wrt
+    k, no_rows = idx.shape[1], jnp.zeros((0,), jnp.int32)
+    both = idx if aux is None else jnp.concatenate([idx, aux[1]], axis=-1)
+    vals, w_rows, _ = _active(x, W_enc, b_enc, W_dec, pre, both, no_rows, encoder_grad, dtype)
+    a = jax.nn.relu(vals[:, :k])
+    x_hat = _decode(a, w_rows[:, :k], dtype) + b_dec.astype(F32)
+    recon, aux_err = squared_error(x, x_hat), jnp.zeros((), F32)
+    if aux is not None:
+        # `loss.auxk_error` over the k_aux largest dead pre-activations only: O(B·k_aux·D).
+        v = jnp.where(jnp.isfinite(aux[0]), jax.nn.relu(vals[:, k:]), 0.0)
+        aux_err = squared_error(jax.lax.stop_gradient(x - x_hat), _decode(v, w_rows[:, k:], dtype))
+    parts = LossParts(recon + auxk_coefficient * aux_err, recon, jnp.zeros((), F32), aux_err)
+    return parts.loss, (Forward(x_hat, dense_codes(idx, a, pre.shape[-1]), pre), parts)
 
 
 def _transposed(a: jax.Array) -> jax.Array:
@@ -143,28 +212,39 @@ def sparse_value_and_grad(
 ) -> tuple[tuple[jax.Array, tuple[Forward, LossParts]], SAEParams]:
     """x: [B, D] scaled -> ((loss, (forward, parts)), grads), the values of differentiating `loss.sae_loss`.
 
-    One `lax.cond` picks between two whole differentiated computations (a cond
-    inside the differentiated function would make each branch carry the other's
-    residuals). relu: sparse, or dense when a token has more than `k_max` active
-    latents. topk: without AuxK while no latent is dead, with it otherwise.
-    `encoder_grad`: "scatter" or "matmul", as `_active` describes.
+    One `lax.switch` picks between whole differentiated computations (a cond
+    inside the differentiated function would make each branch carry the
+    other's residuals). relu: `route`'s three paths. topk: without AuxK while
+    no latent is dead, with it otherwise. `encoder_grad`: "scatter" or "matmul".
     """
     dtype = jnp.dtype(compute_dtype)
-    x = x.astype(jnp.float32)
-    pre = jax.lax.stop_gradient(matmul(x, params.W_enc, dtype) + params.b_enc.astype(jnp.float32))
-    kw = dict(l1_coefficient=l1_coefficient, dead=dead, auxk_k=auxk_k, auxk_coefficient=auxk_coefficient)
+    x = x.astype(F32)
+    pre = jax.lax.stop_gradient(matmul(x, params.W_enc, dtype) + params.b_enc.astype(F32))
     scatter = encoder_grad == "scatter"
     # W_enc.T is never computed: the sparse loss reads W_enc only through `pre`.
     wrt = (params.W_enc.T if scatter else params.W_enc, params.b_enc, params.W_dec, params.b_dec)
 
-    def sparse(idx, with_auxk):
-        f = lambda w: _loss(w, spec, x, pre, idx, **kw, dtype=dtype, with_auxk=with_auxk, encoder_grad=encoder_grad)
-        out, (dW_enc, db_enc, dW_dec, db_dec) = jax.value_and_grad(f, has_aux=True)(wrt)
+    def run(loss_fn):
+        out, (dW_enc, db_enc, dW_dec, db_dec) = jax.value_and_grad(loss_fn, has_aux=True)(wrt)
         return out, SAEParams(_transposed(dW_enc) if scatter else dW_enc, db_enc, dW_dec, db_dec)
 
+    common = dict(dtype=dtype, encoder_grad=encoder_grad)
     if spec.architecture == "topk":
         idx = jax.lax.top_k(pre, spec.k)[1]
-        return jax.lax.cond(jnp.any(dead), lambda: sparse(idx, True), lambda: sparse(idx, False))
-    k_max = min(k_max, spec.n_latents)
-    dense = lambda: jax.value_and_grad(lambda p: sae_loss(p, spec, x, **kw, compute_dtype=compute_dtype), has_aux=True)(params)
-    return jax.lax.cond(fits_sparse(pre, k_max), lambda: sparse(jax.lax.top_k(pre, k_max)[1], False), dense)
+
+        def topk(with_auxk):
+            aux = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), min(auxk_k, spec.n_latents)) if with_auxk else None
+            return run(lambda w: _topk_loss(w, x, pre, idx, aux, auxk_coefficient=auxk_coefficient, **common))
+
+        return jax.lax.cond(jnp.any(dead), lambda: topk(True), lambda: topk(False))
+    if spec.architecture != "relu":
+        raise ValueError(f"sae.architecture: the sparse kernel expected relu or topk, found {spec.architecture!r}")
+    B, N = pre.shape
+    k_max, n_rows = min(k_max, N), dense_rows(B)
+    relu = lambda idx, rows: run(lambda w: _relu_loss(w, x, pre, idx, rows, l1_coefficient=l1_coefficient, **common))
+    paths = [
+        lambda: relu(jax.lax.top_k(pre, k_max)[1], jnp.zeros((0,), jnp.int32)),
+        lambda: relu(jax.lax.top_k(pre, k_max)[1], jax.lax.top_k(jnp.sum(pre > 0, axis=-1), n_rows)[1]),
+        lambda: relu(jnp.zeros((B, 0), jnp.int32), None),
+    ]
+    return jax.lax.switch(route(pre, k_max, n_rows)[0], paths)

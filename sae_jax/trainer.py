@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sae_jax import arch, sharding
+from sae_jax import adam, arch, sharding, sparse
 from sae_jax.config import Config, SAEConfig, TrainConfig
 from sae_jax.loss import sae_loss
 from sae_jax.sae import SAEParams, SAESpec, explained_variance
-from sae_jax.sparse import fits_sparse, sparse_value_and_grad
 
 
 @jax.tree_util.register_dataclass
@@ -63,41 +62,19 @@ def l1_schedule(t: TrainConfig, step: jax.Array) -> jax.Array:
 
 
 def optimizer(t: TrainConfig) -> optax.GradientTransformation:
-    adam = optax.adam(lr_schedule(t), b1=t.adam_b1, b2=t.adam_b2)
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adam) if t.grad_clip > 0 else adam
+    """The optimizer the step applies: Adam on `lr_schedule`, after clipping to `grad_clip` (`adam.fused_adam`)."""
+    return adam.fused_adam(lr_schedule(t), b1=t.adam_b1, b2=t.adam_b2, clip=t.grad_clip)
 
 
-def adam_update(grads: SAEParams, opt_state, params: SAEParams, t: TrainConfig, g_norm: jax.Array, ok: jax.Array):
-    """`optimizer(t).update` then `optax.apply_updates`, one pass per param; where `ok` is false nothing moves.
+def apply_optimizer(tx: optax.GradientTransformation, grads: SAEParams, opt_state, params: SAEParams, ok: jax.Array):
+    """`tx.update` then `optax.apply_updates`; where `ok` ([] bool) is false, params and state stay as they were.
 
-    The formulas are optax's (clip_by_global_norm, scale_by_adam,
-    scale_by_learning_rate), in its order, on optax's own state. Written out because XLA splits
-    optax's chain into several passes over each [N, D] array and copies the
-    donated moments; here each moment is updated in place and the param reads
-    the new moments. g_norm: [] the global norm of `grads`. -> (params, opt_state).
+    -> (params, opt_state). Any optax transformation works (`adam.masking`); `adam.fused_adam` masks in its own
+    pass, so the donated moments are updated in place.
     """
-    b1, b2, eps = t.adam_b1, t.adam_b2, 1e-8
-    adam, sched = opt_state[1] if t.grad_clip > 0 else opt_state
-    count = optax.safe_increment(adam.count)
-    step_size = -lr_schedule(t)(sched.count)
-
-    # optax computes (g / g_norm) * clip; one scalar factor differs by an ulp and
-    # lets XLA fuse the clipping into both moment passes instead of writing it out.
-    factor = jnp.where(g_norm < t.grad_clip, 1.0, t.grad_clip / g_norm) if t.grad_clip > 0 else 1.0
-
-    def leaf(g, p, m, v):
-        g = g * jnp.asarray(factor, g.dtype)
-        m = jnp.where(ok, (1 - b1) * g + b1 * m, m)
-        v = jnp.where(ok, (1 - b2) * g**2 + b2 * v, v)
-        u = (m / (1 - b1**count).astype(m.dtype)) / (jnp.sqrt(v / (1 - b2**count).astype(v.dtype)) + eps)
-        return jnp.where(ok, jnp.asarray(p + jnp.asarray(step_size, u.dtype) * u).astype(p.dtype), p), m, v
-
-    new = jax.tree.map(leaf, grads, params, adam.mu, adam.nu)
-    params, mu, nu = (jax.tree.map(lambda n, i=i: n[i], new, is_leaf=lambda n: isinstance(n, tuple)) for i in range(3))
-    keep = lambda new, old: jnp.where(ok, new, old)
-    adam = optax.ScaleByAdamState(count=keep(count, adam.count), mu=mu, nu=nu)
-    sched = optax.ScaleByScheduleState(count=keep(optax.safe_increment(sched.count), sched.count))
-    return params, ((opt_state[0], (adam, sched)) if t.grad_clip > 0 else (adam, sched))
+    updates, new_state = adam.masking(tx).update(grads, opt_state, params, ok=ok)
+    new_params = jax.tree.map(lambda p, q: jnp.where(ok, p, q), optax.apply_updates(params, updates), params)
+    return new_params, new_state
 
 
 def init_state(cfg: Config) -> TrainState:
@@ -139,6 +116,26 @@ def _init_state(cfg: Config) -> TrainState:
 NONFINITE = {1: "input activations", 2: "loss", 3: "gradients"}
 
 
+# `train.kernel: auto` takes the sparse kernel when N is at least this many times its per-token budget
+# (relu: sparse_k_max, topk: k). Measured on a 2-core CPU with a trained SAE's activation pattern
+# (bench/sae_step.py, README): at N = 32768 sparse was 1.2x (relu, N/k_max = 256) and 1.4x (topk with AuxK,
+# N/k = 512) dense; at N = 8192 (N/k_max = 64, N/k = 128) dense was 1.3-1.4x faster than sparse.
+AUTO_SPARSE_RATIO = 256
+
+
+def kernel(spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None) -> str:
+    """The kernel the step compiles: 'dense' or 'sparse' (`train.kernel`, with 'auto' resolved from the shape).
+
+    A recipe beyond plain relu/topk (`sae_jax.arch`, see `_needs_recipe`) always runs dense.
+    """
+    if s is not None and _needs_recipe(s):
+        return "dense"
+    if t.kernel != "auto":
+        return t.kernel
+    budget = {"relu": t.sparse_k_max, "topk": spec.k}.get(spec.architecture)
+    return "sparse" if budget and spec.n_latents >= AUTO_SPARSE_RATIO * budget else "dense"
+
+
 def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None):
     """x: [B, D] scaled -> ((loss, (forward, parts)), grads): what the step differentiates.
 
@@ -156,8 +153,8 @@ def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfi
         auxk_coefficient=t.auxk_coefficient,
         compute_dtype=t.compute_dtype,
     )
-    if t.kernel == "sparse":
-        return sparse_value_and_grad(state.params, spec, x, **kw, k_max=t.sparse_k_max, encoder_grad=t.sparse_encoder_grad)
+    if kernel(spec, t) == "sparse":
+        return sparse.sparse_value_and_grad(state.params, spec, x, **kw, k_max=t.sparse_k_max, encoder_grad=t.sparse_encoder_grad)
     return jax.value_and_grad(lambda p: sae_loss(p, spec, x, **kw), has_aux=True)(state.params)
 
 
@@ -167,13 +164,39 @@ def _needs_recipe(s: SAEConfig) -> bool:
     return not plain or arch.unit_norm_decoder(s)
 
 
-def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None):
+# Metrics that metrics.jsonl gives as their mean over the steps since the previous line (run._loop).
+STEP_AVERAGED = ("sparse_token_fraction", "dense_fallback", "over_budget_fraction")
+
+
+def kernel_metrics(out_pre: jax.Array, spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None) -> dict:
+    """pre: [B, N] -> which way the step went, as [] float32 metrics.
+
+    kernel_sparse: 1 when the sparse kernel is compiled in. sparse_token_fraction:
+    the tokens its sparse path took. relu adds dense_fallback (1: the whole step
+    ran dense, more than `sparse.dense_rows` tokens were over sparse_k_max) and
+    over_budget_fraction (the tokens over sparse_k_max, each handled densely).
+    Logged, these three are means over the steps since the last line: the fraction
+    of tokens that went sparse, of steps that fell back to dense, of tokens over budget.
+    """
+    on = kernel(spec, t, s) == "sparse"
+    m = {"kernel_sparse": jnp.float32(on), "sparse_token_fraction": jnp.float32(on)}
+    if on and spec.architecture == "relu":
+        B, N = out_pre.shape
+        n_rows, k_max = sparse.dense_rows(B), min(t.sparse_k_max, N)
+        path, over = sparse.route(out_pre, k_max, n_rows)
+        m.update(sparse_token_fraction=sparse.sparse_token_fraction(path, B, n_rows),
+                 dense_fallback=(path == 2).astype(jnp.float32), over_budget_fraction=over.astype(jnp.float32) / B)
+    return m
+
+
+def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: SAESpec, t: TrainConfig,
+               s: SAEConfig | None = None):
     """x_raw: [B, D] raw activations, scale: [] -> (new state, metrics dict of [] float32). `s`: see loss_and_grads."""
     x = x_raw.astype(jnp.float32) * scale
     (loss, (out, parts)), grads = loss_and_grads(state, x, spec, t, s)
     fired = jnp.any(out.f > 0, axis=0)
     since = jnp.where(fired, 0, jnp.minimum(state.since_fired + x.shape[0], t.dead_tokens))
-    grad_norm = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads)))
+    grad_norm = optax.tree.norm(grads)  # the expression the clipping computes: XLA computes it once
     metrics = {
         "loss": loss,
         "recon": parts.recon,
@@ -186,15 +209,13 @@ def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: S
         "sparsity": parts.sparsity,
         "grad_norm": grad_norm,
     }
-    if t.kernel == "sparse" and spec.architecture == "relu" and not (s is not None and _needs_recipe(s)):
-        # 1 when a token had more than sparse_k_max active latents and the step ran dense.
-        metrics["dense_fallback"] = 1.0 - fits_sparse(out.pre, t.sparse_k_max).astype(jnp.float32)
+    metrics.update(kernel_metrics(out.pre, spec, t, s))
     what = jnp.where(
         ~jnp.all(jnp.isfinite(x)), 1, jnp.where(~jnp.isfinite(loss), 2, jnp.where(~jnp.isfinite(grad_norm), 3, 0))
     )
     ok = what == 0
     # A non-finite step leaves params and optimizer state as they were; the loop decides what to do.
-    params, opt_state = adam_update(grads, state.opt_state, state.params, t, grad_norm, ok)
+    params, opt_state = apply_optimizer(optimizer(t), grads, state.opt_state, state.params, ok)
     if s is not None and _needs_recipe(s):  # a recipe's own state (threshold, unit-norm rows), kept on a bad step
         params = jax.tree.map(lambda a, b: jnp.where(ok, a, b), arch.after_update(params, out, s), params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
