@@ -31,8 +31,11 @@ def machine() -> str:
 
 
 def add_malloc_flag(parser) -> None:
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (default: sae_jax.malloc.keep_freed_memory, as train.py does)")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (default: sae_jax.malloc.keep_freed_memory, as train.py does)",
+    )
 
 
 def set_malloc(system: bool) -> str:

@@ -22,9 +22,17 @@ sys.path.insert(0, str(ROOT))
 # The realistic set of tests/test_arch_recovery.py: 4x more true features than D, Zipf-like frequencies,
 # correlated groups, hierarchies, varied magnitudes.
 DATA = [
-    "data.source=synthetic", "sae.d_in=32", "sae.expansion=16", "data.batch_size=512", "data.synthetic.n_features=128",
-    "data.synthetic.active=5", "data.synthetic.zipf_exponent=0.5", "data.synthetic.correlation=0.3",
-    "data.synthetic.hierarchy_parents=4", "data.synthetic.hierarchy_children=3", "data.synthetic.hierarchy_child_prob=0.3",
+    "data.source=synthetic",
+    "sae.d_in=32",
+    "sae.expansion=16",
+    "data.batch_size=512",
+    "data.synthetic.n_features=128",
+    "data.synthetic.active=5",
+    "data.synthetic.zipf_exponent=0.5",
+    "data.synthetic.correlation=0.3",
+    "data.synthetic.hierarchy_parents=4",
+    "data.synthetic.hierarchy_children=3",
+    "data.synthetic.hierarchy_child_prob=0.3",
     "data.synthetic.magnitude_spread=0.3",
 ]
 TRAIN = ["train.lr_warmup_steps=20", "train.dead_tokens=50000", "train.auxk_k=32", "run.log_every=100"]
@@ -34,8 +42,11 @@ SWEEPS = {
     "relu": ("train.l1_coefficient", [1.0, 2.0, 3.0, 5.0], ["train.lr=2e-3"]),
     "topk": ("sae.k", [3, 4, 5, 8], ["sae.unit_norm_decoder=true", "train.lr=1e-2"]),
     "batchtopk": ("sae.k", [2, 3, 4, 6], ["train.lr=1e-2"]),  # free decoder rows (the default)
-    "jumprelu": ("sae.l0_coefficient", [5.0, 10.0, 20.0, 40.0],
-                 ["train.lr=2e-3", "sae.jumprelu_bandwidth=0.2", "sae.jumprelu_pre_act_coefficient=1e-3"]),
+    "jumprelu": (
+        "sae.l0_coefficient",
+        [5.0, 10.0, 20.0, 40.0],
+        ["train.lr=2e-3", "sae.jumprelu_bandwidth=0.2", "sae.jumprelu_pre_act_coefficient=1e-3"],
+    ),
     "matryoshka": ("sae.k", [2, 3, 4, 6], ["train.lr=1e-2"]),
 }
 
@@ -45,13 +56,32 @@ def run_point(out: Path, arch: str, key: str, value, fixed: list[str], steps: in
     from sae_jax.run import train
 
     run_dir = out / f"{arch}-{key.split('.')[-1]}-{value}"
-    sets = DATA + TRAIN + fixed + [f"sae.architecture={arch}", f"{key}={value}", f"train.steps={steps}",
-                                   f"run.save_every={steps}", f"run.out_dir={run_dir}"]
+    sets = (
+        DATA
+        + TRAIN
+        + fixed
+        + [
+            f"sae.architecture={arch}",
+            f"{key}={value}",
+            f"train.steps={steps}",
+            f"run.save_every={steps}",
+            f"run.out_dir={run_dir}",
+        ]
+    )
     train(load_config(None, sets), progress=False)
     ev = json.loads((run_dir / "eval.json").read_text())
     g = ev["ground_truth"]
-    return {"arch": arch, key: value, "l0": ev["l0"], "fvu": 1 - ev["explained_variance"], "mcc": g["mcc"],
-            "recovered": g["recovered"], "f1": g["f1"], "absorption": g.get("absorption"), "dead": ev["dead_fraction"]}
+    return {
+        "arch": arch,
+        key: value,
+        "l0": ev["l0"],
+        "fvu": 1 - ev["explained_variance"],
+        "mcc": g["mcc"],
+        "recovered": g["recovered"],
+        "f1": g["f1"],
+        "absorption": g.get("absorption"),
+        "dead": ev["dead_fraction"],
+    }
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -65,8 +95,12 @@ def plot(points: list[dict], path: Path) -> None:
         ps = sorted((p for p in points if p["arch"] == arch), key=lambda p: p["l0"])
         a.plot([p["l0"] for p in ps], [p["fvu"] for p in ps], "o-", label=arch)
         b.plot([p["l0"] for p in ps], [p["mcc"] for p in ps], "o-", label=arch)
-    a.set(xlabel="L0 (held-out)", ylabel="FVU = 1 - explained variance", title="Reconstruction vs sparsity", xscale="log")
-    b.set(xlabel="L0 (held-out)", ylabel="MCC vs true directions", title="Ground-truth recovery vs sparsity", xscale="log")
+    a.set(
+        xlabel="L0 (held-out)", ylabel="FVU = 1 - explained variance", title="Reconstruction vs sparsity", xscale="log"
+    )
+    b.set(
+        xlabel="L0 (held-out)", ylabel="MCC vs true directions", title="Ground-truth recovery vs sparsity", xscale="log"
+    )
     a.legend(), b.legend()
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -79,7 +113,9 @@ def table(points: list[dict]) -> str:
     for p in points:
         setting = next(f"{k}={v}" for k, v in p.items() if "." in k)
         ab = "-" if p["absorption"] is None else f"{p['absorption']:.2f}"
-        rows.append(f"| {p['arch']} | {setting} | {p['l0']:.1f} | {p['fvu']:.3f} | {p['mcc']:.3f} | {p['recovered']:.2f} | {p['f1']:.2f} | {ab} |")
+        rows.append(
+            f"| {p['arch']} | {setting} | {p['l0']:.1f} | {p['fvu']:.3f} | {p['mcc']:.3f} | {p['recovered']:.2f} | {p['f1']:.2f} | {ab} |"
+        )
     return "\n".join(rows)
 
 

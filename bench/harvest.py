@@ -32,12 +32,43 @@ import jax
 import numpy as np
 import torch
 
-from bench.common import add_malloc_flag, set_malloc, interleaved, json_line, llama_forward_flops_per_token, machine, median, mfu, table
+from bench.common import (
+    add_malloc_flag,
+    interleaved,
+    json_line,
+    llama_forward_flops_per_token,
+    machine,
+    median,
+    mfu,
+    set_malloc,
+    table,
+)
 
 PRESETS = {  # hidden, layers, heads, kv heads, intermediate, vocab
-    "mid": dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2, intermediate_size=2048, vocab_size=128256),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, vocab_size=128256),
-    "smoke": dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=512),
+    "mid": dict(
+        hidden_size=512,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=2048,
+        vocab_size=128256,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+    ),
+    "smoke": dict(
+        hidden_size=64,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+    ),
 }
 
 
@@ -81,7 +112,9 @@ def torch_ways(folder: str, layer: int, dtype: str, device: str):
     return {"torch-hook": notebook, "torch-hidden-states": hidden_states, "torch-hook-raise": early_stop}, model
 
 
-def run(preset: str, seqs: int, context: int, layer: int, dtype: str, rounds: int, peak: float | None = None) -> list[dict]:
+def run(
+    preset: str, seqs: int, context: int, layer: int, dtype: str, rounds: int, peak: float | None = None
+) -> list[dict]:
     from sae_jax import llama
     from sae_jax.data.activations import llama_harvest
 
@@ -113,7 +146,10 @@ def run(preset: str, seqs: int, context: int, layer: int, dtype: str, rounds: in
         fns[name] = torch_fn(name, way)
     gemms = gemm_fns(seqs * context, sizes["hidden_size"], sizes["intermediate_size"], dtype, device)
     times = interleaved({**fns, **gemms}, rounds, warmup=1)
-    gemm_rate = {name: 2.0 * seqs * context * sizes["hidden_size"] * sizes["intermediate_size"] / median(times[name]) for name in gemms}
+    gemm_rate = {
+        name: 2.0 * seqs * context * sizes["hidden_size"] * sizes["intermediate_size"] / median(times[name])
+        for name in gemms
+    }
     peak_rate = max(gemm_rate.values())
     ref = np.asarray(outs["jax"], np.float32)
     tokens = seqs * context
@@ -123,15 +159,31 @@ def run(preset: str, seqs: int, context: int, layer: int, dtype: str, rounds: in
         got = ref if name == "jax" else outs[name].float().cpu().numpy()
         err = float(np.abs(got - ref).max() / np.abs(ref).max())
         flops = llama_forward_flops_per_token(sizes, layer, context) * tokens / t
-        rows.append(dict(preset=preset, variant=name, S=seqs, T=context, layer=layer, dtype=dtype, s_per_batch=t, min_s=min(times[name]),
-                         tokens_per_s=tokens / t, rel_err_vs_jax=err, gflops=flops / 1e9, of_gemm_peak=flops / peak_rate,
-                         mfu=mfu(llama_forward_flops_per_token(sizes, layer, context), tokens / t, peak)))
+        rows.append(
+            dict(
+                preset=preset,
+                variant=name,
+                S=seqs,
+                T=context,
+                layer=layer,
+                dtype=dtype,
+                s_per_batch=t,
+                min_s=min(times[name]),
+                tokens_per_s=tokens / t,
+                rel_err_vs_jax=err,
+                gflops=flops / 1e9,
+                of_gemm_peak=flops / peak_rate,
+                mfu=mfu(llama_forward_flops_per_token(sizes, layer, context), tokens / t, peak),
+            )
+        )
     best = min(r["s_per_batch"] for r in rows if r["variant"].startswith("torch"))
     for r in rows:
         r["vs_best_torch"] = best / r["s_per_batch"]
     best_torch_rate = max(r["gflops"] for r in rows if r["variant"].startswith("torch")) * 1e9
     # The most any way doing these FLOPs could gain over the best PyTorch way: running at the GEMM peak throughout.
-    ceiling = dict(gemm_gflops={k: v / 1e9 for k, v in gemm_rate.items()}, max_vs_best_torch=peak_rate / best_torch_rate)
+    ceiling = dict(
+        gemm_gflops={k: v / 1e9 for k, v in gemm_rate.items()}, max_vs_best_torch=peak_rate / best_torch_rate
+    )
     del model
     return rows, ceiling
 
@@ -142,7 +194,9 @@ def gemm_fns(M: int, D: int, F: int, dtype: str, device: str) -> dict:
 
     a = jnp.ones((M, D), dtype)
     b = jnp.ones((D, F), dtype)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))  # as the model's products
+    f = jax.jit(
+        lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    )  # as the model's products
     ta = torch.ones((M, D), dtype=getattr(torch, dtype), device=device)
     tb = torch.ones((D, F), dtype=getattr(torch, dtype), device=device)
 
@@ -163,23 +217,57 @@ def main(argv=None) -> None:
     p.add_argument("--layer", type=int, default=9)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)",
+    )
     add_malloc_flag(p)
     a = p.parse_args(argv)
     allocator = set_malloc(a.system_malloc)
-    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {allocator}", flush=True)
+    print(
+        f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {allocator}", flush=True
+    )
     rows, ceiling = run(a.preset, a.seqs, a.context, a.layer, a.dtype, a.rounds, a.peak_tflops)
-    print(table(rows, [("preset", "model", "s"), ("variant", "variant", "s"), ("S", "S", "d"), ("T", "T", "d"),
-                       ("s_per_batch", "s/batch", ".3f"), ("min_s", "min s", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
-                       ("vs_best_torch", "x best torch", ".2f"), ("gflops", "GFLOP/s", ".0f"), ("of_gemm_peak", "of GEMM peak", ".0%"),
-                       ("rel_err_vs_jax", "max rel err", ".1e")]
-                + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])))
+    print(
+        table(
+            rows,
+            [
+                ("preset", "model", "s"),
+                ("variant", "variant", "s"),
+                ("S", "S", "d"),
+                ("T", "T", "d"),
+                ("s_per_batch", "s/batch", ".3f"),
+                ("min_s", "min s", ".3f"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+                ("vs_best_torch", "x best torch", ".2f"),
+                ("gflops", "GFLOP/s", ".0f"),
+                ("of_gemm_peak", "of GEMM peak", ".0%"),
+                ("rel_err_vs_jax", "max rel err", ".1e"),
+            ]
+            + ([("mfu", "MFU", ".1%")] if a.peak_tflops else []),
+        )
+    )
     ratio = next(r["vs_best_torch"] for r in rows if r["variant"] == "jax")
-    print("GEMM peak [S*T, D] x [D, F]: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in ceiling["gemm_gflops"].items())
-          + f"; a way at that peak throughout would be {ceiling['max_vs_best_torch']:.2f}x the best PyTorch way")
-    print(json_line("harvest", machine=machine(), allocator=allocator, preset=a.preset, peak_tflops=a.peak_tflops, sizes=PRESETS[a.preset], jax_vs_best_torch=round(ratio, 3),
-                    ceiling={k: (round(v, 3) if isinstance(v, float) else v) for k, v in ceiling.items()},
-                    rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]))
+    print(
+        "GEMM peak [S*T, D] x [D, F]: "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in ceiling["gemm_gflops"].items())
+        + f"; a way at that peak throughout would be {ceiling['max_vs_best_torch']:.2f}x the best PyTorch way"
+    )
+    print(
+        json_line(
+            "harvest",
+            machine=machine(),
+            allocator=allocator,
+            preset=a.preset,
+            peak_tflops=a.peak_tflops,
+            sizes=PRESETS[a.preset],
+            jax_vs_best_torch=round(ratio, 3),
+            ceiling={k: (round(v, 3) if isinstance(v, float) else v) for k, v in ceiling.items()},
+            rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+        )
+    )
 
 
 if __name__ == "__main__":

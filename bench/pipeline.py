@@ -32,7 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import add_malloc_flag, set_malloc, json_line, llama_forward_flops_per_token, machine, mfu, sae_train_flops_per_token, table
+from bench.common import (
+    add_malloc_flag,
+    json_line,
+    llama_forward_flops_per_token,
+    machine,
+    mfu,
+    sae_train_flops_per_token,
+    set_malloc,
+    table,
+)
 from bench.harvest import PRESETS
 
 
@@ -82,8 +91,15 @@ def build(a, timers: dict | None):
     D = sizes["hidden_size"]
     text = RandomText(a.seqs, a.context, sizes["vocab_size"], a.buffer)
     source = ActivationSource(text, harvest, D, a.batch, seed=0, buffer_tokens=a.buffer)
-    sets = [f"sae.d_in={D}", f"sae.expansion={a.expansion}", f"data.batch_size={a.batch}", f"train.kernel={a.kernel}",
-            f"train.compute_dtype={a.sae_dtype}", "train.lr_warmup_steps=0", "train.steps=1000000"]
+    sets = [
+        f"sae.d_in={D}",
+        f"sae.expansion={a.expansion}",
+        f"data.batch_size={a.batch}",
+        f"train.kernel={a.kernel}",
+        f"train.compute_dtype={a.sae_dtype}",
+        "train.lr_warmup_steps=0",
+        "train.steps=1000000",
+    ]
     if a.arch == "topk":
         sets += ["sae.architecture=topk", "sae.k=64"]
     cfg = load_config(None, sets)
@@ -113,8 +129,14 @@ def run_loop(a, attributed: bool) -> dict:
     out = dict(wall_s=wall, tokens_per_s=a.steps * a.batch / wall)
     if attributed:
         host = wall - timers["harvest"] - timers["train"]
-        out.update(harvest_s=timers["harvest"], train_s=timers["train"], host_s=host,
-                   harvest_frac=timers["harvest"] / wall, train_frac=timers["train"] / wall, host_frac=host / wall)
+        out.update(
+            harvest_s=timers["harvest"],
+            train_s=timers["train"],
+            host_s=host,
+            harvest_frac=timers["harvest"] / wall,
+            train_frac=timers["train"] / wall,
+            host_frac=host / wall,
+        )
     return out
 
 
@@ -133,7 +155,12 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--workdir", default=tempfile.gettempdir())
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)",
+    )
     add_malloc_flag(p)
     a = p.parse_args(argv)
     allocator = set_malloc(a.system_malloc)
@@ -142,15 +169,42 @@ def main(argv=None) -> None:
     att = run_loop(a, attributed=True)
     sizes = PRESETS[a.preset]
     # Each token is harvested once (9 layers) and trained on once.
-    flops = llama_forward_flops_per_token(sizes, 9, a.context) + sae_train_flops_per_token(sizes["hidden_size"], a.expansion * sizes["hidden_size"])
+    flops = llama_forward_flops_per_token(sizes, 9, a.context) + sae_train_flops_per_token(
+        sizes["hidden_size"], a.expansion * sizes["hidden_size"]
+    )
     for r in (e2e, att):
         r["mfu"] = mfu(flops, r["tokens_per_s"], a.peak_tflops)
     rows = [dict(mode="end to end", **e2e), dict(mode="attributed (waits)", **att)]
-    print(table(rows, [("mode", "pass", "s"), ("tokens_per_s", "tokens/s", ",.0f"), ("wall_s", "wall s", ".2f"),
-                       ("harvest_frac", "harvest", ".0%"), ("train_frac", "train", ".0%"), ("host_frac", "host", ".0%")]
-                + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])))
-    print(json_line("pipeline", machine=machine(), allocator=allocator, preset=a.preset, peak_tflops=a.peak_tflops, S=a.seqs, T=a.context, B=a.batch, arch=a.arch,
-                    kernel=a.kernel, end_to_end=e2e, attributed=att))
+    print(
+        table(
+            rows,
+            [
+                ("mode", "pass", "s"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+                ("wall_s", "wall s", ".2f"),
+                ("harvest_frac", "harvest", ".0%"),
+                ("train_frac", "train", ".0%"),
+                ("host_frac", "host", ".0%"),
+            ]
+            + ([("mfu", "MFU", ".1%")] if a.peak_tflops else []),
+        )
+    )
+    print(
+        json_line(
+            "pipeline",
+            machine=machine(),
+            allocator=allocator,
+            preset=a.preset,
+            peak_tflops=a.peak_tflops,
+            S=a.seqs,
+            T=a.context,
+            B=a.batch,
+            arch=a.arch,
+            kernel=a.kernel,
+            end_to_end=e2e,
+            attributed=att,
+        )
+    )
 
 
 if __name__ == "__main__":

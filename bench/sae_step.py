@@ -123,15 +123,27 @@ def jax_trainer(weights, arch: str, B: int, kernel: str, dtype: str = "float32",
     from sae_jax.trainer import init_state, make_step
 
     D, N = weights["W_dec"].shape[1], weights["W_dec"].shape[0]
-    sets = [f"sae.d_in={D}", f"sae.expansion={N // D}", f"data.batch_size={B}", f"train.kernel={kernel}",
-            f"train.compute_dtype={dtype}", f"train.lr={LR}", "train.lr_warmup_steps=0", "train.l1_warmup_frac=0",
-            f"train.l1_coefficient={L1}", "train.steps=1000000", f"train.dead_tokens={DEAD_TOKENS}"]
+    sets = [
+        f"sae.d_in={D}",
+        f"sae.expansion={N // D}",
+        f"data.batch_size={B}",
+        f"train.kernel={kernel}",
+        f"train.compute_dtype={dtype}",
+        f"train.lr={LR}",
+        "train.lr_warmup_steps=0",
+        "train.l1_warmup_frac=0",
+        f"train.l1_coefficient={L1}",
+        "train.steps=1000000",
+        f"train.dead_tokens={DEAD_TOKENS}",
+    ]
     if arch == "topk":
         sets += ["sae.architecture=topk", f"sae.k={K}"]
     cfg = load_config(None, sets + list(extra))
     state = init_state(cfg)
     since = jnp.asarray(np.where(dead_latents(N), DEAD_TOKENS, 0).astype(np.int32))
-    state = dataclasses.replace(state, params=SAEParams(**{k: jnp.asarray(v) for k, v in weights.items()}), since_fired=since)
+    state = dataclasses.replace(
+        state, params=SAEParams(**{k: jnp.asarray(v) for k, v in weights.items()}), since_fired=since
+    )
     return cfg, state, make_step(cfg)
 
 
@@ -141,21 +153,32 @@ def algorithm(variant: str, arch: str, D: int, N: int) -> str:
         from sae_jax.config import load_config
         from sae_jax.trainer import kernel, spec_from_config
 
-        sets = [f"sae.d_in={D}", f"sae.expansion={N // D}"] + (["sae.architecture=topk", f"sae.k={K}"] if arch == "topk" else [])
+        sets = [f"sae.d_in={D}", f"sae.expansion={N // D}"] + (
+            ["sae.architecture=topk", f"sae.k={K}"] if arch == "topk" else []
+        )
         cfg = load_config(None, sets)
         return kernel(spec_from_config(cfg), cfg.train, cfg.sae)
     return "sparse" if "sparse" in variant else "dense"
 
 
-def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tuple[str, ...] = (), peak: float | None = None) -> list[dict]:
+def run_shape(
+    shape: str, arch: str, rounds: int, variants: list[str], extra: tuple[str, ...] = (), peak: float | None = None
+) -> list[dict]:
     D, expansion, B = SHAPES[shape]
     N = D * expansion
     weights, batches = bench_weights(D, N), bench_batches(D, N, B)
     l0s = [((b @ weights["W_enc"] + weights["b_enc"]) > 0).sum(1) for b in batches]
-    pattern = dict(l0_mean=float(np.mean(l0s)), l0_max_over_mean=float(np.mean([c.max() / c.mean() for c in l0s])),
-                   over_128=float(np.mean([(c > 128).mean() for c in l0s])), dead_fraction=float(dead_latents(N).mean()))
-    print("activation pattern: relu L0 mean {l0_mean:.1f}, batch max / mean {l0_max_over_mean:.2f}, tokens over 128: "
-          "{over_128:.1%}, dead latents {dead_fraction:.0%}".format(**pattern), flush=True)
+    pattern = dict(
+        l0_mean=float(np.mean(l0s)),
+        l0_max_over_mean=float(np.mean([c.max() / c.mean() for c in l0s])),
+        over_128=float(np.mean([(c > 128).mean() for c in l0s])),
+        dead_fraction=float(dead_latents(N).mean()),
+    )
+    print(
+        "activation pattern: relu L0 mean {l0_mean:.1f}, batch max / mean {l0_max_over_mean:.2f}, tokens over 128: "
+        "{over_128:.1%}, dead latents {dead_fraction:.0%}".format(**pattern),
+        flush=True,
+    )
     xs_jax = [jnp.asarray(b) for b in batches]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     xs_torch = [torch.from_numpy(b).to(device) for b in batches]
@@ -178,8 +201,16 @@ def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tu
             first[v + ":l0"] = float(box["m"]["l0"])
             first[v + ":sparse_tokens"] = float(box["m"]["sparse_token_fraction"])
         else:
-            tr = TorchTrainer(weights, arch, K if arch == "topk" else None, v.split("-", 1)[1], lr=LR, l1=L1, device=device,
-                              dead_tokens=DEAD_TOKENS)
+            tr = TorchTrainer(
+                weights,
+                arch,
+                K if arch == "topk" else None,
+                v.split("-", 1)[1],
+                lr=LR,
+                l1=L1,
+                device=device,
+                dead_tokens=DEAD_TOKENS,
+            )
             tr.since[torch.from_numpy(dead_latents(N))] = DEAD_TOKENS
             box = {"loss": None}
 
@@ -195,10 +226,27 @@ def run_shape(shape: str, arch: str, rounds: int, variants: list[str], extra: tu
         t, alg = median(times[v]), algorithm(v, arch, D, N)
         k_active = pattern["l0_mean"] if arch == "relu" else K + (256 if pattern["dead_fraction"] else 0)
         flops = sae_train_flops_per_token(D, N, k_active if alg == "sparse" else None)
-        rows.append(dict(shape=shape, arch=arch, D=D, N=N, B=B, variant=v, algorithm=alg, s_per_step=t, min_s=min(times[v]),
-                         tokens_per_s=B / t, loss_step1=first[v], l0=first.get(v + ":l0", float("nan")),
-                         sparse_tokens=first.get(v + ":sparse_tokens", float("nan")), times=times[v],
-                         gflops_per_token=flops / 1e9, mfu=mfu(flops, B / t, peak), **pattern))
+        rows.append(
+            dict(
+                shape=shape,
+                arch=arch,
+                D=D,
+                N=N,
+                B=B,
+                variant=v,
+                algorithm=alg,
+                s_per_step=t,
+                min_s=min(times[v]),
+                tokens_per_s=B / t,
+                loss_step1=first[v],
+                l0=first.get(v + ":l0", float("nan")),
+                sparse_tokens=first.get(v + ":sparse_tokens", float("nan")),
+                times=times[v],
+                gflops_per_token=flops / 1e9,
+                mfu=mfu(flops, B / t, peak),
+                **pattern,
+            )
+        )
     torch_rows = [r for r in rows if r["variant"].startswith("torch")]
     best_any = min((r["s_per_step"] for r in torch_rows), default=float("nan"))
     for r in rows:
@@ -215,19 +263,31 @@ def pin_precision() -> str:
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
-    return (f"matmul precision: JAX jax_default_matmul_precision={jax.config.jax_default_matmul_precision}; torch "
-            f"float32_matmul_precision={torch.get_float32_matmul_precision()}, allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
+    return (
+        f"matmul precision: JAX jax_default_matmul_precision={jax.config.jax_default_matmul_precision}; torch "
+        f"float32_matmul_precision={torch.get_float32_matmul_precision()}, allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
+    )
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="release,small", help=f"comma list of {list(SHAPES)}")
     p.add_argument("--archs", default="relu,topk")
-    p.add_argument("--variants", default="jax-auto,jax-dense,jax-sparse," + ",".join(TORCH_VARIANTS),
-                   help=f"comma list of {list(JAX_VARIANTS)} and {list(TORCH_VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default="jax-auto,jax-dense,jax-sparse," + ",".join(TORCH_VARIANTS),
+        help=f"comma list of {list(JAX_VARIANTS)} and {list(TORCH_VARIANTS)}",
+    )
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--set", action="append", default=[], help="config override for our variants, e.g. train.sparse_k_max=128")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)")
+    p.add_argument(
+        "--set", action="append", default=[], help="config override for our variants, e.g. train.sparse_k_max=128"
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s, for an MFU column (H100 SXM bf16 dense: 989)",
+    )
     add_malloc_flag(p)
     a = p.parse_args(argv)
     pairs = [(shape, arch) for shape in a.shapes.split(",") for arch in a.archs.split(",")]
@@ -235,24 +295,55 @@ def main(argv=None) -> None:
         return _each_in_its_own_process(pairs, a)
     allocator = set_malloc(a.system_malloc)
     precision = pin_precision()
-    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {allocator}", flush=True)
+    print(
+        f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {allocator}", flush=True
+    )
     print(precision, flush=True)
     rows = run_shape(*pairs[0], a.rounds, a.variants.split(","), tuple(a.set), a.peak_tflops)
-    print(table(rows, [("shape", "shape", "s"), ("arch", "arch", "s"), ("B", "B", "d"), ("variant", "variant", "s"),
-                       ("algorithm", "alg", "s"), ("s_per_step", "s/step", ".3f"), ("min_s", "min s", ".3f"),
-                       ("tokens_per_s", "tokens/s", ",.0f"), ("vs_torch_same_alg", "x torch same alg", ".2f"),
-                       ("vs_best_torch", "x best torch", ".2f"), ("loss_step1", "loss@1", ".6g")]
-                + ([("mfu", "MFU", ".1%")] if a.peak_tflops else [])), flush=True)
+    print(
+        table(
+            rows,
+            [
+                ("shape", "shape", "s"),
+                ("arch", "arch", "s"),
+                ("B", "B", "d"),
+                ("variant", "variant", "s"),
+                ("algorithm", "alg", "s"),
+                ("s_per_step", "s/step", ".3f"),
+                ("min_s", "min s", ".3f"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+                ("vs_torch_same_alg", "x torch same alg", ".2f"),
+                ("vs_best_torch", "x best torch", ".2f"),
+                ("loss_step1", "loss@1", ".6g"),
+            ]
+            + ([("mfu", "MFU", ".1%")] if a.peak_tflops else []),
+        ),
+        flush=True,
+    )
     ratios = {}
     for r in rows:
         if r["variant"].startswith("jax"):
             key = f"{r['shape']}/{r['arch']}/{r['variant']}"
             ratios[key] = {"same_alg": round(r["vs_torch_same_alg"], 3), "any": round(r["vs_best_torch"], 3)}
-            print(f"{key} ({r['algorithm']}): {r['vs_torch_same_alg']:.2f}x the best PyTorch {r['algorithm']} step, "
-                  f"{r['vs_best_torch']:.2f}x the best PyTorch step of any kind", flush=True)
-    print(json_line("sae_step", machine=machine(), allocator=allocator, precision=precision, rounds=a.rounds,
-                    peak_tflops=a.peak_tflops, ratios_vs_torch=ratios,
-                    rows=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "times"} for r in rows]))
+            print(
+                f"{key} ({r['algorithm']}): {r['vs_torch_same_alg']:.2f}x the best PyTorch {r['algorithm']} step, "
+                f"{r['vs_best_torch']:.2f}x the best PyTorch step of any kind",
+                flush=True,
+            )
+    print(
+        json_line(
+            "sae_step",
+            machine=machine(),
+            allocator=allocator,
+            precision=precision,
+            rounds=a.rounds,
+            peak_tflops=a.peak_tflops,
+            ratios_vs_torch=ratios,
+            rows=[
+                {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "times"} for r in rows
+            ],
+        )
+    )
 
 
 def _each_in_its_own_process(pairs: list[tuple[str, str]], a: argparse.Namespace) -> None:
@@ -262,17 +353,24 @@ def _each_in_its_own_process(pairs: list[tuple[str, str]], a: argparse.Namespace
 
     # The child's arguments from the parsed ones: one pair each, everything else as given.
     same = ["--variants", a.variants, "--rounds", str(a.rounds), *[x for v in a.set for x in ("--set", v)]]
-    same += (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else []) + (["--system-malloc"] if a.system_malloc else [])
+    same += (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else []) + (
+        ["--system-malloc"] if a.system_malloc else []
+    )
     merged: dict = {}
     for shape, arch in pairs:
-        out = subprocess.run([sys.executable, __file__, "--shapes", shape, "--archs", arch, *same], stdout=subprocess.PIPE, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--shapes", shape, "--archs", arch, *same], stdout=subprocess.PIPE, text=True
+        )
         lines = out.stdout.splitlines()
         print("\n".join(l for l in lines if not l.startswith("{")), flush=True)
         if out.returncode or not lines or not lines[-1].startswith("{"):
             sys.exit(f"sae_step: {shape}/{arch} failed (exit {out.returncode})")
         one = json.loads(lines[-1])
-        merged = {**one, "ratios_vs_torch": {**merged.get("ratios_vs_torch", {}), **one["ratios_vs_torch"]},
-                  "rows": merged.get("rows", []) + one["rows"]}
+        merged = {
+            **one,
+            "ratios_vs_torch": {**merged.get("ratios_vs_torch", {}), **one["ratios_vs_torch"]},
+            "rows": merged.get("rows", []) + one["rows"],
+        }
     print(json.dumps(merged))
 
 

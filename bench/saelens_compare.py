@@ -5,27 +5,50 @@
 Same data, scale (mean norm sqrt(D)), token budget (800 x 512), warm-up and decay as our runs; AuxK 1/32 and
 dead = not fired over 50k tokens, as ours. Needs `sae-lens` (not a dependency of sae-jax).
 """
-import sys, numpy as np, torch
+
+import sys
+
+import numpy as np
+import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
 from sae_jax.config import load_config
 from sae_jax.data import make_source
 from sae_jax.data.synthetic import recovered_fraction
 from sae_jax.groundtruth import match, unit_rows
+
 arch, k, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-R = ["sae.d_in=32", "sae.expansion=16", "data.batch_size=512", "data.synthetic.n_features=128", "data.synthetic.active=5",
-    "data.synthetic.zipf_exponent=0.5", "data.synthetic.correlation=0.3", "data.synthetic.hierarchy_parents=4",
-    "data.synthetic.hierarchy_children=3", "data.synthetic.hierarchy_child_prob=0.3", "data.synthetic.magnitude_spread=0.3"]
+R = [
+    "sae.d_in=32",
+    "sae.expansion=16",
+    "data.batch_size=512",
+    "data.synthetic.n_features=128",
+    "data.synthetic.active=5",
+    "data.synthetic.zipf_exponent=0.5",
+    "data.synthetic.correlation=0.3",
+    "data.synthetic.hierarchy_parents=4",
+    "data.synthetic.hierarchy_children=3",
+    "data.synthetic.hierarchy_child_prob=0.3",
+    "data.synthetic.magnitude_spread=0.3",
+]
 cfg = load_config(None, R)
 src = make_source(cfg)
 scale = np.sqrt(32) / np.mean([np.linalg.norm(src.next_batch(), axis=1).mean() for _ in range(10)])
 torch.manual_seed(0)
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
 if arch == "jumprelu":
-    sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=32, d_sae=512, jumprelu_bandwidth=0.2, jumprelu_init_threshold=0.01))
+    sae = JumpReLUTrainingSAE(
+        JumpReLUTrainingSAEConfig(d_in=32, d_sae=512, jumprelu_bandwidth=0.2, jumprelu_init_threshold=0.01)
+    )
 else:
-    C, S = (BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE) if arch == "batchtopk" else (TopKTrainingSAEConfig, TopKTrainingSAE)
+    C, S = (
+        (BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE)
+        if arch == "batchtopk"
+        else (TopKTrainingSAEConfig, TopKTrainingSAE)
+    )
     sae = S(C(d_in=32, d_sae=512, k=k, aux_loss_coefficient=1 / 32))
 coef = lambda i: {"l0": k * min(1.0, i / 40)} if arch == "jumprelu" else {}
 opt = torch.optim.Adam(sae.parameters(), lr=lr)
@@ -36,7 +59,9 @@ for i in range(steps):
     for g in opt.param_groups:
         g["lr"] = lr * min(1.0, (i + 1) / 20) * min(1.0, (steps - i) / (0.2 * steps))
     out = sae.training_forward_pass(TrainStepInput(x, coef(i), since >= 50000, i, False))
-    opt.zero_grad(); out.loss.backward(); opt.step()
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
     fired = (out.feature_acts > 0).any(0)
     since = torch.where(fired, torch.zeros_like(since), since + 512)
 W = sae.W_dec.detach().numpy()
@@ -47,4 +72,7 @@ with torch.no_grad():
     x = torch.tensor(src.batch(10**9)[0] * scale)
     o = sae.training_forward_pass(TrainStepInput(x, coef(steps), since >= 50000, steps, False))
     fvu = float(((o.sae_out - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
-print(f"SAELens {arch} k={k} lr={lr}: recovered {recovered_fraction(F, W):.3f} MCC {mcc:.3f} train-mode FVU {fvu:.3f} L0 {(o.feature_acts > 0).sum(1).float().mean():.2f}", flush=True)
+print(
+    f"SAELens {arch} k={k} lr={lr}: recovered {recovered_fraction(F, W):.3f} MCC {mcc:.3f} train-mode FVU {fvu:.3f} L0 {(o.feature_acts > 0).sum(1).float().mean():.2f}",
+    flush=True,
+)

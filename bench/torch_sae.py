@@ -27,21 +27,39 @@ class SparseDecode(torch.autograd.Function):
         idx, a, W_dec = ctx.saved_tensors
         rows = F.embedding(idx, W_dec)  # [B, K, D]
         da = torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1)
-        dW = torch.zeros_like(W_dec).index_add_(0, idx.reshape(-1), (a.unsqueeze(-1) * g.unsqueeze(1)).reshape(-1, W_dec.shape[1]))
+        dW = torch.zeros_like(W_dec).index_add_(
+            0, idx.reshape(-1), (a.unsqueeze(-1) * g.unsqueeze(1)).reshape(-1, W_dec.shape[1])
+        )
         return None, da, dW
 
 
 class TorchSAE(torch.nn.Module):
     """W_enc [D, N], b_enc [N], W_dec [N, D], b_dec [D], as in sae_jax (not nn.Linear's [out, in])."""
 
-    def __init__(self, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray, b_dec: np.ndarray, architecture: str, k: int | None):
+    def __init__(
+        self,
+        W_enc: np.ndarray,
+        b_enc: np.ndarray,
+        W_dec: np.ndarray,
+        b_dec: np.ndarray,
+        architecture: str,
+        k: int | None,
+    ):
         super().__init__()
         t = lambda a: torch.nn.Parameter(torch.tensor(np.asarray(a, np.float32)))
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = t(W_enc), t(b_enc), t(W_dec), t(b_dec)
         self.architecture, self.k = architecture, k
 
-    def forward(self, x: torch.Tensor, dead: torch.Tensor, any_dead: bool, l1: float, auxk_k: int, auxk_alpha: float,
-                sparse: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        dead: torch.Tensor,
+        any_dead: bool,
+        l1: float,
+        auxk_k: int,
+        auxk_alpha: float,
+        sparse: bool = False,
+    ):
         """x: [B, D] scaled, dead: [N] bool (any_dead: dead.any(), read on the host) -> (loss [], codes f [B, N])."""
         pre = x @ self.W_enc + self.b_enc
         if sparse:
@@ -89,10 +107,25 @@ class TorchTrainer:
     active latents with embedding_bag and index_add_, as EleutherAI sparsify).
     """
 
-    def __init__(self, params: dict[str, np.ndarray], architecture: str, k: int | None, variant: str, *,
-                 lr: float, l1: float, grad_clip: float = 1.0, auxk_k: int = 256, auxk_alpha: float = 1 / 32,
-                 dead_tokens: int = 10_000_000, scale: float = 1.0, device: str = "cpu"):
-        self.sae = TorchSAE(params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"], architecture, k).to(device)
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        architecture: str,
+        k: int | None,
+        variant: str,
+        *,
+        lr: float,
+        l1: float,
+        grad_clip: float = 1.0,
+        auxk_k: int = 256,
+        auxk_alpha: float = 1 / 32,
+        dead_tokens: int = 10_000_000,
+        scale: float = 1.0,
+        device: str = "cpu",
+    ):
+        self.sae = TorchSAE(params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"], architecture, k).to(
+            device
+        )
         ps = list(self.sae.parameters())
         if variant == "eager":
             self.opt = torch.optim.Adam(ps, lr=lr, foreach=False)

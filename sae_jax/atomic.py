@@ -65,7 +65,11 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     another live writer is filling would be removed too.
     """
     path = Path(path)
-    found = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*") if p.name.endswith(".tmp") or p.name == f".{path.name}.old"]
+    found = [
+        p
+        for p in path.parent.glob(f".{glob.escape(path.name)}.*")
+        if p.name.endswith(".tmp") or p.name == f".{path.name}.old"
+    ]
     for p in found:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

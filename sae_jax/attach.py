@@ -22,7 +22,10 @@ def check_compatible(sae: SAE, model: "Llama", what: str = "SAE") -> None:
     if s.d_in != c.hidden_size:
         raise ValueError(f"{what}: width d_in expected the model's hidden size {c.hidden_size}, found {s.d_in}")
     if not 0 <= s.hook_layer < c.num_layers:
-        raise ValueError(f"{what}: hook_layer expected 0..{c.num_layers - 1} (the model has {c.num_layers} layers), found {s.hook_layer}")
+        raise ValueError(
+            f"{what}: hook_layer expected 0..{c.num_layers - 1} (the model has {c.num_layers} layers), "
+            f"found {s.hook_layer}"
+        )
 
 
 def check_feature(sae: SAE, feature: int) -> int:

@@ -84,7 +84,6 @@ class ChatFormatter:
                 roles.append(FRAME)
         return ChatTokens(ids, roles, [i in self.specials for i in ids])
 
-
     def _templated(self, turns: list[list[tuple[str, str]]], add_generation_prompt: bool) -> list[ChatTokens]:
         """The tokenizer's own template: its text, tokenized in one call; roles from where each content landed."""
         texts, spans = [], []
@@ -108,28 +107,41 @@ class ChatFormatter:
         (trimmed, or as given)."""
         kwargs = {"date_string": self.date} if self.date is not None else {}
         render = lambda c: self.tokenizer.apply_chat_template(
-            [{"role": r, "content": x} for (r, _), x in zip(conv, c)], tokenize=False,
-            add_generation_prompt=add_generation_prompt, **kwargs)
+            [{"role": r, "content": x} for (r, _), x in zip(conv, c)],
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
         text = render([content for _, content in conv])
         marked = re.split(r"\ue000(\d+)\ue001", render([f"\ue000{i}\ue001" for i in range(len(conv))]))
         frames, order = marked[0::2], [int(i) for i in marked[1::2]]
         name = getattr(self.tokenizer, "name_or_path", "")
         if order != list(range(len(conv))):
-            raise ValueError(f"tokenizer {name!r}: chat template drops, repeats or reorders messages "
-                             f"(contents rendered in order {order}); cannot tell who said each token")
+            raise ValueError(
+                f"tokenizer {name!r}: chat template drops, repeats or reorders messages "
+                f"(contents rendered in order {order}); cannot tell who said each token"
+            )
         pos, spans = len(frames[0]), []
         for i, (role, content) in enumerate(conv):
             if not text.startswith(frames[i], pos - len(frames[i])):
                 break
-            found = next((c for c in (content.strip(), content) if text.startswith(c, pos)
-                          and text.startswith(frames[i + 1], pos + len(c))), None)
+            found = next(
+                (
+                    c
+                    for c in (content.strip(), content)
+                    if text.startswith(c, pos) and text.startswith(frames[i + 1], pos + len(c))
+                ),
+                None,
+            )
             if found is None:
                 break
             spans.append((pos, pos + len(found), ROLES.index(role)))
             pos += len(found) + len(frames[i + 1])
         if len(spans) != len(conv) or pos != len(text):
-            raise ValueError(f"tokenizer {name!r}: chat template changes message {len(spans)}'s content beyond "
-                             "trimming it; cannot tell who said each token")
+            raise ValueError(
+                f"tokenizer {name!r}: chat template changes message {len(spans)}'s content beyond "
+                "trimming it; cannot tell who said each token"
+            )
         return text, spans
 
 
@@ -172,5 +184,8 @@ def read_conversation(path: str) -> list:
         raise ValueError(f"{path}: expected JSON, found unparseable text") from None
     value = value.get("conversation") if isinstance(value, dict) else value
     if not isinstance(value, list):
-        raise ValueError(f"{path}: expected a list of {{role, content}} turns or an object with 'conversation', found {type(value).__name__}")
+        raise ValueError(
+            f"{path}: expected a list of {{role, content}} turns or an object with 'conversation', "
+            f"found {type(value).__name__}"
+        )
     return value

@@ -53,7 +53,10 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         self._pending: int | None = None  # the step of the save that may still be in flight
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,
             multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=BARRIERS),
         )
         if self.directory.exists() and not self.directory.is_dir():  # orbax would fail only at the first save
@@ -129,7 +132,8 @@ class Checkpoints:
             self._pending = None
             where = self.directory / str(step) if step is not None else self.directory
             raise CheckpointError(
-                f"checkpoint {where} could not be written ({cause(e)}); the checkpoints before it are kept, rerun to resume"
+                f"checkpoint {where} could not be written ({cause(e)}); "
+                "the checkpoints before it are kept, rerun to resume"
             ) from None
 
     def close(self) -> None:

@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import yaml
 
-
 from sae_jax import typed
 from sae_jax.errors import ConfigError
 
@@ -36,28 +35,60 @@ def _copy(x):
 class SAEConfig:
     architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = opt(
         "relu",
-        "Training recipe (sae_jax/arch/): 'relu' (the release: relu(x W_enc + b_enc)), 'topk' (the k largest per token), "
+        "Training recipe (sae_jax/arch/): 'relu' (the release), 'topk' (k largest per token), "
         "'batchtopk' (the B*k largest per batch), 'jumprelu' (a trained threshold per latent) or 'matryoshka' "
         "(nested prefixes over a batchtopk code). batchtopk and matryoshka export as jumprelu with their threshold.",
     )
     d_in: int = opt(2048, "D, the width of the activations (Llama-3.2-1B: 2048).")
     expansion: int = opt(16, "N = expansion * D latents (release: 16, so N = 32768).")
-    k: int | None = opt(None, "Active latents per token for 'topk', 'batchtopk' and 'matryoshka' (on average over the batch); unset otherwise.")
+    k: int | None = opt(
+        None,
+        "Active latents per token for topk, batchtopk and matryoshka (a batch mean); unset otherwise.",
+    )
     hook_layer: int = opt(9, "Decoder layer whose residual stream the SAE reads.")
-    hook_site: Literal["input", "output"] = opt("input", "'input': entering the layer (the notebook's hook, hidden_states[L]); 'output': leaving it.")
+    hook_site: Literal["input", "output"] = opt(
+        "input", "'input': entering the layer (the notebook's hook, hidden_states[L]); 'output': leaving it."
+    )
     dec_init_norm: float = opt(0.1, "Norm of each decoder row at init; the encoder starts as the decoder's transpose.")
-    pre_encoder_bias: bool = opt(False, "Encode x - b_dec instead of x (SAELens's apply_b_dec_to_input; Bussmann 2024's BatchTopK does; the release does not).")
-    unit_norm_decoder: bool | None = opt(None, "Keep decoder rows at unit norm, their gradients projected onto the sphere (OpenAI 2024), topk family only; null: the recipe's default, false (free rows, as SAELens trains batchtopk; measured better on synthetic ground truth). Unit-norm rows want a larger train.lr.")
-    auxk_normalize: bool = opt(False, "Divide AuxK by the residual's variance, as OpenAI's code does (normalized MSE); false: the plain squared error, summed over D, mean over B.")
-    batchtopk_threshold_lr: float = opt(0.01, "batchtopk/matryoshka: rate r of the running threshold theta <- (1 - r) theta + r min(kept activation) (SAELens's topk_threshold_lr).")
-    matryoshka_prefixes: list = opt([], "matryoshka: inner prefix sizes, strictly increasing, each in [k, N); N itself is always the last level. []: N/8, N/4, N/2.")
-    jumprelu_bandwidth: float = opt(0.05, "jumprelu: eps, the rectangle kernel's width in the straight-through gradients (SAELens 0.05 at mean input norm sqrt(D); the paper's 0.001 is for unit-norm inputs).")
+    pre_encoder_bias: bool = opt(
+        False,
+        "Encode x - b_dec instead of x (SAELens's apply_b_dec_to_input; the release does not).",
+    )
+    unit_norm_decoder: bool | None = opt(
+        None,
+        "Unit-norm decoder rows, gradients projected (OpenAI 2024); topk family only; null: false.",
+    )
+    auxk_normalize: bool = opt(
+        False,
+        "Divide AuxK by the residual's variance (OpenAI's normalized MSE); false: the plain squared error.",
+    )
+    batchtopk_threshold_lr: float = opt(
+        0.01,
+        "batchtopk/matryoshka: rate r of theta <- (1 - r) theta + r min(kept activation) (SAELens).",
+    )
+    matryoshka_prefixes: list = opt(
+        [],
+        "matryoshka: inner prefix sizes, increasing, each in [k, N); N is always the last. []: N/8, N/4, N/2.",
+    )
+    jumprelu_bandwidth: float = opt(
+        0.05,
+        "jumprelu: eps, the straight-through rectangle kernel's width (SAELens's 0.05 at input norm sqrt(D)).",
+    )
     jumprelu_init_threshold: float = opt(0.01, "jumprelu: every theta_i at init (SAELens).")
     l0_coefficient: float = opt(1.0, "jumprelu: lambda of the sparsity penalty (SAELens's l0_coefficient default).")
-    l0_warmup_frac: float = opt(0.05, "jumprelu: fraction of training over which lambda rises linearly from 0 (Gemma Scope warms it up; the fraction matches train.l1_warmup_frac).")
-    jumprelu_sparsity: Literal["l0", "tanh"] = opt("l0", "jumprelu: 'l0', sum_i H(pre_i - theta_i) (Rajamanoharan 2024), or 'tanh', sum_i tanh(c f_i |W_dec,i|) (Anthropic, January 2025).")
+    l0_warmup_frac: float = opt(
+        0.05,
+        "jumprelu: fraction of training over which lambda rises linearly from 0 (Gemma Scope).",
+    )
+    jumprelu_sparsity: Literal["l0", "tanh"] = opt(
+        "l0",
+        "jumprelu: 'l0', sum_i H(pre_i - theta_i) (Rajamanoharan 2024), or 'tanh' (Anthropic, January 2025).",
+    )
     jumprelu_tanh_scale: float = opt(4.0, "jumprelu, sparsity 'tanh': c (Anthropic, January 2025).")
-    jumprelu_pre_act_coefficient: float = opt(0.0, "jumprelu: lambda_p of Anthropic's pre-activation loss sum_i relu(theta_i - pre_i) |W_dec,i|, which pulls up latents that never fire (Anthropic used 3e-6 in its units; 0: off).")
+    jumprelu_pre_act_coefficient: float = opt(
+        0.0,
+        "jumprelu: lambda_p of the pre-activation loss that revives dead latents (Anthropic 2025).",
+    )
 
     @property
     def n_latents(self) -> int:
@@ -69,11 +100,16 @@ class SAEConfig:
         topk_family = self.architecture in ("topk", "batchtopk", "matryoshka")
         if topk_family:
             if self.k is None or not 0 < self.k <= self.n_latents:
-                raise ConfigError(f"{path}.k: expected 1 <= k <= N = {self.n_latents} for {self.architecture}, found {self.k}")
+                raise ConfigError(
+                    f"{path}.k: expected 1 <= k <= N = {self.n_latents} for {self.architecture}, found {self.k}"
+                )
         elif self.k is not None:
             raise ConfigError(f"{path}.k: expected unset for architecture {self.architecture!r}, found {self.k}")
         if self.unit_norm_decoder and not topk_family:
-            raise ConfigError(f"{path}.unit_norm_decoder: expected null or false for {self.architecture!r} (topk family only), found true")
+            raise ConfigError(
+                f"{path}.unit_norm_decoder: expected null or false for {self.architecture!r} (topk family only), "
+                "found true"
+            )
         _positive(self, path, "jumprelu_bandwidth", "jumprelu_tanh_scale")
         _nonnegative(self, path, "l0_coefficient", "jumprelu_pre_act_coefficient", "jumprelu_init_threshold")
         _in_unit(self, path, "l0_warmup_frac")
@@ -91,13 +127,25 @@ class SyntheticConfig:
     active: float = opt(8.0, "Mean number of true features active per token (Bernoulli).")
     noise: float = opt(0.01, "Std of Gaussian noise added to each coordinate.")
     dict_seed: int = opt(1234, "Seed of the true dictionary, so a trained SAE can be scored against it.")
-    zipf_exponent: float = opt(0.0, "Feature i fires with probability proportional to (i + 1)^-a, scaled so `active` fire on average (capped at 1); 0: all equally often. Language-model features are Zipf-like (a around 1).")
-    correlation: float = opt(0.0, "Features in consecutive groups of `correlation_group` share a Gaussian factor with this correlation (a Gaussian copula on the firing events); 0: independent.")
+    zipf_exponent: float = opt(
+        0.0,
+        "Feature i fires with probability proportional to (i + 1)^-a (Zipf-like near 1); 0: all equally often.",
+    )
+    correlation: float = opt(
+        0.0,
+        "Correlation of firing within groups of `correlation_group` features (a Gaussian copula); 0: independent.",
+    )
     correlation_group: int = opt(8, "Size of the groups of correlated features.")
-    hierarchy_parents: int = opt(0, "The first P features are parents, each with `hierarchy_children` children right after them (features P..P+P*C); a child fires only when its parent fires.")
+    hierarchy_parents: int = opt(
+        0,
+        "The first P features are parents with `hierarchy_children` children each; a child fires only with its parent.",
+    )
     hierarchy_children: int = opt(4, "Children per parent.")
     hierarchy_child_prob: float = opt(0.25, "Probability that a child fires when its parent fires.")
-    magnitude_spread: float = opt(0.0, "Each feature's typical magnitude is exp(N(0, s^2)) (fixed by dict_seed), times Uniform(0.5, 1.5) per firing; 0: typical magnitude 1 for all.")
+    magnitude_spread: float = opt(
+        0.0,
+        "Each feature's typical magnitude is exp(N(0, s^2)), times Uniform(0.5, 1.5) per firing; 0: all 1.",
+    )
 
     def check(self, path: str) -> None:
         _positive(self, path, "n_features", "active", "correlation_group", "hierarchy_children")
@@ -138,13 +186,24 @@ class TextConfig:
     split: str = opt("train", "Hub dataset split (local files have only 'train').")
     streaming: bool = opt(True, "Stream rows instead of building an Arrow copy first.")
     cache_dir: str | None = opt(None, "Where a non-streaming load writes its Arrow cache (null: the datasets default).")
-    field: str = opt("conversation", "Row field: a list of {role, content} turns (chat-formatted) or a string (BOS + text).")
-    tokenizer: str = opt("llama3-offline", "'llama3-offline' (built from llama-models' tiktoken file) or a tokenizer folder.")
-    chat_date: str | None = opt(None, "The date a tokenizer folder's dated chat template renders ('Today Date: ...' in Llama-3.2-Instruct's), e.g. '26 Jul 2024'; pin it for reproducible runs. null: the template's own choice (the day it runs). The offline tokenizer's plain Llama-3 format has no date.")
+    field: str = opt(
+        "conversation", "Row field: a list of {role, content} turns (chat-formatted) or a string (BOS + text)."
+    )
+    tokenizer: str = opt(
+        "llama3-offline", "'llama3-offline' (built from llama-models' tiktoken file) or a tokenizer folder."
+    )
+    chat_date: str | None = opt(
+        None,
+        "The date a dated chat template renders (Llama-3.2-Instruct's 'Today Date'), e.g. '26 Jul 2024'; null: today.",
+    )
     context_size: int = opt(1024, "T, tokens per sequence (release: 1024).")
     seqs_per_batch: int = opt(8, "S, sequences per forward pass.")
-    pack: bool = opt(False, "Concatenate rows and cut T-token chunks, instead of one truncated, padded row per sequence.")
-    exclude_special: bool = opt(True, "Keep no special-token positions (BOS, headers, eot): the BOS residual's norm is outsized.")
+    pack: bool = opt(
+        False, "Concatenate rows and cut T-token chunks, instead of one truncated, padded row per sequence."
+    )
+    exclude_special: bool = opt(
+        True, "Keep no special-token positions (BOS, headers, eot): the BOS residual's norm is outsized."
+    )
     buffer_tokens: int = opt(1 << 18, "C, shuffle-buffer capacity in tokens (each refill harvests C/2).")
 
     def check(self, path: str) -> None:
@@ -167,14 +226,16 @@ class ModelConfig:
         if not (Path(self.path) / "config.json").is_file():
             raise ConfigError(
                 f"{path}.path: expected a local Hugging Face folder with config.json, found {self.path!r} "
-                "(nothing is downloaded: fetch the checkpoint first, e.g. `hf download meta-llama/Llama-3.2-1B-Instruct --local-dir DIR`)"
+                "(nothing is downloaded: fetch the checkpoint first, e.g. "
+                "`hf download meta-llama/Llama-3.2-1B-Instruct --local-dir DIR`)"
             )
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: Literal["synthetic", "disk", "llama"] = opt(
-        "synthetic", "Where activations come from: 'synthetic' ground truth, 'disk' shards, or 'llama' (text run through data.model)."
+        "synthetic",
+        "Where activations come from: 'synthetic' ground truth, 'disk' shards, or 'llama' (text through data.model).",
     )
     batch_size: int = opt(4096, "Tokens per training step (B).")
     seed: int = opt(0, "Seed of the data stream (sampling, shuffling).")
@@ -194,7 +255,9 @@ class TrainConfig:
     steps: int = opt(10_000, "Total optimizer steps.")
     lr: float = opt(5e-5, "Peak Adam learning rate.")
     lr_warmup_steps: int = opt(1000, "Steps of linear learning-rate warm-up from 0.")
-    lr_decay_frac: float = opt(0.2, "Fraction of training, at the end, over which the learning rate decays linearly to 0.")
+    lr_decay_frac: float = opt(
+        0.2, "Fraction of training, at the end, over which the learning rate decays linearly to 0."
+    )
     adam_b1: float = opt(0.9, "Adam beta1.")
     adam_b2: float = opt(0.999, "Adam beta2.")
     grad_clip: float = opt(1.0, "Clip gradients to this global norm (0 disables).")
@@ -205,11 +268,25 @@ class TrainConfig:
     dead_tokens: int = opt(10_000_000, "A latent is dead when it has not fired over this many tokens (M).")
     scale_batches: int = opt(10, "Batches used to estimate the input scale that makes the mean norm sqrt(D).")
     seed: int = opt(0, "Seed of the SAE init.")
-    on_nonfinite: Literal["stop", "skip"] = opt("stop", "A non-finite loss, gradient or input: 'stop' (exit non-zero, keep the last good checkpoint) or 'skip' the batch and count it.")
-    kernel: Literal["auto", "dense", "sparse"] = opt("auto", "'dense' (the reference), 'sparse' (decode and W_dec's gradient over the active latents only; same loss and gradients) or 'auto': sparse for relu and topk when N >= 256x the per-token budget (sparse_k_max; k), else dense (as measured faster); metrics say which (kernel_sparse).")
-    sparse_k_max: int = opt(128, "Per-token budget of active latents of relu's sparse kernel (about 2x the release's L0 of 63): tokens over it are computed densely, the whole step when more than 1/16 of the batch is; exact either way.")
-    sparse_encoder_grad: Literal["matmul", "scatter"] = opt("matmul", "How the sparse kernel forms W_enc's gradient: 'matmul' (one dense GEMM x^T @ dpre, O(B*N*D)) or 'scatter' (O(B*K*D): a scatter-add, then a transpose into W_enc's [D, N] layout). On a 2-core CPU at the release shape 'matmul' steps 1.7-2.5x faster (bench/sae_step.py).")
-    compute_dtype: Literal["float32", "bfloat16"] = opt("float32", "Dtype of the matmul inputs (accumulated in float32); params and Adam state stay float32.")
+    on_nonfinite: Literal["stop", "skip"] = opt(
+        "stop",
+        "On a non-finite loss, gradient or input: 'stop' (keep the last good checkpoint) or 'skip' the batch.",
+    )
+    kernel: Literal["auto", "dense", "sparse"] = opt(
+        "auto",
+        "'dense' (the reference), 'sparse' (active latents only; same gradients) or 'auto' (sparse where faster).",
+    )
+    sparse_k_max: int = opt(
+        128,
+        "relu's sparse kernel: active latents per token it handles sparsely; tokens over it run dense, exactly.",
+    )
+    sparse_encoder_grad: Literal["matmul", "scatter"] = opt(
+        "matmul",
+        "How the sparse kernel forms W_enc's gradient: 'matmul' (one GEMM x^T @ dpre) or 'scatter' (O(B*K*D)).",
+    )
+    compute_dtype: Literal["float32", "bfloat16"] = opt(
+        "float32", "Dtype of the matmul inputs (accumulated in float32); params and Adam state stay float32."
+    )
 
     def check(self, path: str) -> None:
         _positive(self, path, "steps", "lr", "auxk_k", "dead_tokens", "scale_batches", "sparse_k_max")
@@ -226,18 +303,25 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    out_dir: str = opt("runs/default", "Run directory: resolved config, metrics.jsonl, checkpoints/, the exported sae/.")
+    out_dir: str = opt(
+        "runs/default", "Run directory: resolved config, metrics.jsonl, checkpoints/, the exported sae/."
+    )
     save_every: int = opt(1000, "Checkpoint every this many steps (and always at the end).")
     keep: int = opt(3, "How many of the latest checkpoints to keep.")
     log_every: int = opt(50, "Write a metrics.jsonl line and refresh the progress bar every this many steps.")
-    eval_every: int = opt(500, "Add held-out metrics (eval_*: L0, MSE, EV, per-token FVU, dense fraction) on the next, unseen batch every this many steps (a multiple of log_every; 0: never).")
+    eval_every: int = opt(
+        500,
+        "Held-out eval_* metrics on the next unseen batch every this many steps (a multiple of log_every; 0: never).",
+    )
     eval_batches: int = opt(4, "Unseen batches drawn after the last step for the final eval.json (0: none).")
 
     def check(self, path: str) -> None:
         _positive(self, path, "save_every", "keep", "log_every")
         _nonnegative(self, path, "eval_every", "eval_batches")
         if self.eval_every % self.log_every:
-            raise ConfigError(f"{path}.eval_every: expected a multiple of log_every = {self.log_every}, found {self.eval_every}")
+            raise ConfigError(
+                f"{path}.eval_every: expected a multiple of log_every = {self.log_every}, found {self.eval_every}"
+            )
         if not self.out_dir:
             raise ConfigError(f"{path}.out_dir: expected a directory path, found nothing")
 
@@ -245,8 +329,14 @@ class RunConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = opt(1, "Devices along the batch axis: each holds B/data tokens of every step (a divisor of B).")
-    model: int = opt(1, "Devices along the latent axis: each holds N/model latents, their W_enc columns, W_dec rows, b_enc and Adam moments (a divisor of N).")
-    distributed: bool = opt(False, "Several processes, one per host, each running the same command: call jax.distributed.initialize() first, with the coordinator's host:port from JAX_COORDINATOR_ADDRESS, the process count from JAX_NUM_PROCESSES and this process's index (0 serves the coordinator) from JAX_PROCESS_ID; all three may be left unset under SLURM, Open MPI, Cloud TPU or Kubernetes. data * model must equal all processes' devices; process 0 alone writes the run's files (sae_jax.sharding).")
+    model: int = opt(
+        1,
+        "Devices along the latent axis: each holds N/model latents' params and Adam moments (a divisor of N).",
+    )
+    distributed: bool = opt(
+        False,
+        "Several processes, one per host, running the same command (jax.distributed; see the README).",
+    )
 
     def check(self, path: str) -> None:
         _positive(self, path, "data", "model")
@@ -334,7 +424,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:  # ValueError: an integer of over 4300 digits
-            raise ConfigError(f"{p}: not valid YAML ({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+            raise ConfigError(
+                f"{p}: not valid YAML ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
+            ) from None
         except RecursionError:
             raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
         if not isinstance(data, dict):
@@ -374,7 +466,9 @@ def _resolve_paths(data: dict, folder: Path) -> None:
 
 def describe(cls=Config, path: str = "") -> list[str]:
     """One line per field: key path, default and its documentation."""
-    lines = [] if path else ["# Paths in a config file are relative to its folder; --set paths to the working directory."]
+    lines = (
+        [] if path else ["# Paths in a config file are relative to its folder; --set paths to the working directory."]
+    )
     for f in dataclasses.fields(cls):
         key = f"{path}{f.name}"
         t = typing.get_type_hints(cls)[f.name]

@@ -45,7 +45,6 @@ from sae_jax.metrics import DENSE_THRESHOLD, moments, quick_eval, recon_sums  # 
 from sae_jax.sae import SAE, forward
 
 
-
 def site_names(index: int, num_layers: int) -> list[str]:
     """The names of the residual after `index` layers: 'input of layer i' and/or 'output of layer i-1'."""
     names = [f"input of layer {index}"] if index < num_layers else []
@@ -78,14 +77,18 @@ def _lm(model: Llama, x, x_hat, keep, input_ids, attention_mask, layer: int, sit
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("layer", "site", "scan", "lm"))
-def _eval_batch(graphdef, state, sae, input_ids, attention_mask, keep, *, layer: int, site: str, scan: tuple[int, ...],
-                lm: bool):
+def _eval_batch(
+    graphdef, state, sae, input_ids, attention_mask, keep, *, layer: int, site: str, scan: tuple[int, ...], lm: bool
+):
     model = nnx.merge(graphdef, state)
     at = site_index(model.config, layer, site)
     xs = residuals(model, input_ids, (*scan, at), attention_mask)
     x = xs[at]
     x_hat, f, _ = forward(sae, x)
-    out = {"recon": recon_sums(x, x_hat, f, keep), "scan": {j: moments(xs[j], forward(sae, xs[j]).x_hat, keep) for j in scan}}
+    out = {
+        "recon": recon_sums(x, x_hat, f, keep),
+        "scan": {j: moments(xs[j], forward(sae, xs[j]).x_hat, keep) for j in scan},
+    }
     if lm:
         out["lm"] = _lm(model, x, x_hat, keep, input_ids, attention_mask, layer, site)
     return out
@@ -177,8 +180,13 @@ class Evaluation:
 
     def to_json(self) -> dict:
         """Every number, with the site check and the LM losses; the density array is left to its own file."""
-        d = {k: getattr(self, k) for k in ("layer", "site", "sequences", "tokens", "l0", "mse", "explained_variance", "fvu_per_token")}
-        d.update(dead_fraction=self.dead_fraction, dense_fraction=self.dense_fraction, dense_threshold=self.dense_threshold)
+        d = {
+            k: getattr(self, k)
+            for k in ("layer", "site", "sequences", "tokens", "l0", "mse", "explained_variance", "fvu_per_token")
+        }
+        d.update(
+            dead_fraction=self.dead_fraction, dense_fraction=self.dense_fraction, dense_threshold=self.dense_threshold
+        )
         if self.lm is not None:
             d.update(dataclasses.asdict(self.lm), loss_recovered=self.lm.loss_recovered, delta_loss=self.lm.delta_loss)
         d["sites"] = [dataclasses.asdict(s) for s in self.sites]
@@ -225,8 +233,13 @@ class Evaluation:
         atomic_write_text(out / "eval.json", json.dumps(self.to_json(), indent=2) + "\n")
         with atomic_file(out / "feature_density.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, self.density.astype(np.float32))
-        plot_density(self.density, out / "feature_density.png", title=f"layer {self.layer} {self.site}, {self.tokens} tokens",
-                     dense_threshold=self.dense_threshold, tokens=self.tokens)
+        plot_density(
+            self.density,
+            out / "feature_density.png",
+            title=f"layer {self.layer} {self.site}, {self.tokens} tokens",
+            dense_threshold=self.dense_threshold,
+            tokens=self.tokens,
+        )
         return out
 
 
@@ -311,8 +324,10 @@ def text_batches(text_cfg, skip_rows: int = 0, tokenizer=None) -> Iterator[Token
         if source.state()["epoch"] > 0:  # this batch reused rows; a held-out set counts each token once
             if first:
                 c = text_cfg
-                raise ValueError(f"{c.path}: expected at least one batch ({c.seqs_per_batch} sequences) of rows "
-                                 f"from row {skip_rows} on, found fewer")
+                raise ValueError(
+                    f"{c.path}: expected at least one batch ({c.seqs_per_batch} sequences) of rows "
+                    f"from row {skip_rows} on, found fewer"
+                )
             return
         first = False
         yield batch

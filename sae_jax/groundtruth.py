@@ -21,9 +21,6 @@ when scipy is installed, else a greedy pass, said in `matching`). Then:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from sae_jax.config import Config
@@ -74,7 +71,11 @@ def score(sae: SAE, F: np.ndarray, x: np.ndarray, c: np.ndarray, parent: np.ndar
     seen = on[:, rows].any(0)
     norms = np.linalg.norm(W[cols], axis=1)
     both = fires[:, cols] & on[:, rows]
-    ratios = [np.median(f[both[:, m], j] * norms[m] / c[both[:, m], i]) for m, (i, j) in enumerate(zip(rows, cols)) if both[:, m].any()]
+    ratios = [
+        np.median(f[both[:, m], j] * norms[m] / c[both[:, m], i])
+        for m, (i, j) in enumerate(zip(rows, cols))
+        if both[:, m].any()
+    ]
     out = {
         "n_true_features": int(F.shape[0]),
         "recovered": recovered_fraction(F, W, COS),
@@ -113,7 +114,8 @@ def score_synthetic(sae: SAE, cfg: Config, batches: int = 4) -> dict:
 
 def summary(s: dict) -> str:
     """One line for the end of a run."""
-    line = f"ground truth: recovered {s['recovered']:.1%} of {s['n_true_features']} true features (cos >= {COS}), MCC {s['mcc']:.3f}"
+    line = f"ground truth: recovered {s['recovered']:.1%} of {s['n_true_features']} true features (cos >= {COS})"
+    line += f", MCC {s['mcc']:.3f}"
     line += f", F1 {s['f1']:.3f}, shrinkage {s['shrinkage']:.3f}"
     return line + (f", absorption {s['absorption']:.3f}" if "absorption" in s else "")
 

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sae_jax.attach import check_compatible, check_feature, narrow
 from sae_jax.chat import ROLES, ChatTokens
 from sae_jax.data.text import TokenBatch
-from sae_jax.attach import check_compatible, check_feature, narrow
 from sae_jax.llama.model import Llama, residuals, site_index
 from sae_jax.sae import SAE, encode
 
@@ -107,7 +107,7 @@ def top_contexts(
     after: int = 4,
     progress: bool = False,
 ) -> dict[int, list[Context]]:
-    """{feature: its `top` largest activations over the kept tokens, largest first}, scanning until `n_tokens` kept tokens.
+    """{feature: its `top` largest activations over the kept tokens, largest first}, over `n_tokens` kept tokens.
 
     Each context holds up to `before` tokens before the token and `after` after it.
     Latents that never fire on the scanned tokens get an empty list. `progress`: a bar of kept tokens.
@@ -140,7 +140,9 @@ def top_contexts(
                     heapq.heapreplace(heaps[i], (item, _window(batch, s, t, before, after)))
         seq += len(batch.input_ids)
     bar.close()
-    return {i: [Context(a, -s, -t, ids, at) for (a, s, t), (ids, at) in sorted(heaps[i], reverse=True)] for i in features}
+    return {
+        i: [Context(a, -s, -t, ids, at) for (a, s, t), (ids, at) in sorted(heaps[i], reverse=True)] for i in features
+    }
 
 
 def _window(batch: TokenBatch, s: int, t: int, before: int, after: int) -> tuple[tuple[int, ...], int]:

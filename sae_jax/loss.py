@@ -59,14 +59,16 @@ def _low_matmul_fwd(a, b, dtype):
 def _low_matmul_bwd(dtype, res, g):
     a, b = res
     g = g.astype(dtype)
-    return jnp.matmul(g, b.T, preferred_element_type=jnp.float32), jnp.matmul(a.T, g, preferred_element_type=jnp.float32)
+    return jnp.matmul(g, b.T, preferred_element_type=jnp.float32), jnp.matmul(
+        a.T, g, preferred_element_type=jnp.float32
+    )
 
 
 _low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
 
 
 def forward_in(params: SAEParams, spec: SAESpec, x: jax.Array, compute_dtype: str = "float32") -> Forward:
-    """`sae.forward_params` with both matmuls in `compute_dtype` (float32: forward_params itself). Needs input_scale 1."""
+    """`sae.forward_params` with both matmuls in `compute_dtype` (float32: forward_params). Needs input_scale 1."""
     if compute_dtype == "float32":
         return forward_params(params, spec, x)
     x = x - params.b_dec.astype(jnp.float32) if spec.apply_b_dec_to_input else x
@@ -76,7 +78,12 @@ def forward_in(params: SAEParams, spec: SAESpec, x: jax.Array, compute_dtype: st
 
 
 def auxk_error(
-    params: SAEParams, pre: jax.Array, residual: jax.Array, dead: jax.Array, k: int, compute_dtype: str = "float32",
+    params: SAEParams,
+    pre: jax.Array,
+    residual: jax.Array,
+    dead: jax.Array,
+    k: int,
+    compute_dtype: str = "float32",
     normalize: bool = False,
 ) -> jax.Array:
     """pre: [B, N], residual: [B, D] (no gradient), dead: [N] bool -> [] AuxK squared error.
@@ -123,6 +130,8 @@ def sae_loss(
         sparsity = weighted_l1(params, out.f)
         parts = LossParts(recon + l1_coefficient * sparsity, recon, sparsity, zero)
     else:
-        aux = auxk_error(params, out.pre, jax.lax.stop_gradient(x - out.x_hat), dead, auxk_k, compute_dtype, auxk_normalize)
+        aux = auxk_error(
+            params, out.pre, jax.lax.stop_gradient(x - out.x_hat), dead, auxk_k, compute_dtype, auxk_normalize
+        )
         parts = LossParts(recon + auxk_coefficient * aux, recon, zero, aux)
     return parts.loss, (out, parts)

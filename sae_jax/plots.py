@@ -27,8 +27,15 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def plot_density(density, path: str | Path, *, title: str = "", bins: int = 50, dense_threshold: float = 0.1,
-                 tokens: int | None = None) -> np.ndarray:
+def plot_density(
+    density,
+    path: str | Path,
+    *,
+    title: str = "",
+    bins: int = 50,
+    dense_threshold: float = 0.1,
+    tokens: int | None = None,
+) -> np.ndarray:
     """Histogram of log10(density) over latents that fired, on a fixed axis so runs compare; returns the log10 values.
 
     density: [N] fractions in [0, 1]. The x-axis runs from 1e-7 (or 1/tokens) to 1, the count axis is
@@ -60,7 +67,7 @@ def plot_density(density, path: str | Path, *, title: str = "", bins: int = 50, 
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl (or a run directory holding one); a later row for the same step replaces an earlier."""
+    """The rows of a metrics.jsonl (or a run directory's); a later row for a step replaces an earlier one."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
@@ -74,8 +81,14 @@ def read_metrics(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise ValueError(f"{path}: line {n}: expected a JSON object, found {line[:60]!r}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or not isinstance(row.get("tokens"), (int, float)):
-            raise ValueError(f"{path}: line {n}: expected an object with integer 'step' and numeric 'tokens', found {line[:60]!r}")
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("step"), int)
+            or not isinstance(row.get("tokens"), (int, float))
+        ):
+            raise ValueError(
+                f"{path}: line {n}: expected an object with integer 'step' and numeric 'tokens', found {line[:60]!r}"
+            )
         rows[row["step"]] = row
     if not rows:
         raise ValueError(f"{path}: expected metric rows, found none")
@@ -84,8 +97,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 # What a metric's numbers are in. Training runs on inputs scaled to mean norm sqrt(D) (train.scale_batches);
 # eval.json and `evaluate` report the exported SAE on raw activations.
-UNITS = {"loss": "scaled inputs", "mse": "scaled inputs, mean norm sqrt(D)", "l0": "latents per token",
-         "explained_variance": "1 - MSE / Var(x)", "dead_fraction": "of latents", "grad_norm": "scaled units"}
+UNITS = {
+    "loss": "scaled inputs",
+    "mse": "scaled inputs, mean norm sqrt(D)",
+    "l0": "latents per token",
+    "explained_variance": "1 - MSE / Var(x)",
+    "dead_fraction": "of latents",
+    "grad_norm": "scaled units",
+}
 FRACTIONS = ("explained_variance", "dead_fraction", "dense_fraction")  # drawn on a fixed [0, 1] axis
 
 
@@ -117,7 +136,9 @@ def plot_curves(metrics: str | Path | list, path: str | Path, names: tuple[str, 
     missing = [n for n in names if n not in present]
     if missing or not names:
         shown = sorted(present - {"step", "tokens"})
-        raise ValueError(f"{runs[0] if len(runs) == 1 else runs}: metrics {missing or 'to plot'}: expected among {shown}, found none")
+        raise ValueError(
+            f"{runs[0] if len(runs) == 1 else runs}: metrics {missing or 'to plot'}: expected among {shown}, found none"
+        )
     data = {label: {n: _series(rows, n) for n in names} for label, rows in tables.items()}
     cols = min(len(names), 3)
     fig = Figure(figsize=(4.5 * cols, 3.2 * math.ceil(len(names) / cols) + 0.4), layout="constrained")
@@ -141,8 +162,11 @@ def plot_curves(metrics: str | Path | list, path: str | Path, names: tuple[str, 
     if len(names) % cols:  # the grid's last slot: what each run ended at, instead of an empty panel
         ax = fig.add_subplot(math.ceil(len(names) / cols), cols, len(names) + 1)
         ax.axis("off")
-        lines = [f"{label}: step {rows[-1]['step']}, " + ", ".join(f"{n} {rows[-1][n]:.4g}" for n in names if _number(rows[-1].get(n)))
-                 for label, rows in tables.items()]
+        lines = [
+            f"{label}: step {rows[-1]['step']}, "
+            + ", ".join(f"{n} {rows[-1][n]:.4g}" for n in names if _number(rows[-1].get(n)))
+            for label, rows in tables.items()
+        ]
         ax.text(0, 1, "last logged\n" + "\n".join(_wrap(l) for l in lines), va="top", fontsize=7, family="monospace")
     _save(fig, Path(path))
     return data[next(iter(data))] if len(runs) == 1 else data

@@ -25,15 +25,23 @@ import yaml
 from tqdm import tqdm
 
 from sae_jax import sharding
+from sae_jax.atomic import atomic_write_text, remove_leftovers
 from sae_jax.checkpoint import Checkpoints
 from sae_jax.config import Config, ConfigError, to_dict
-from sae_jax.errors import NonFiniteError
 from sae_jax.data import Source, make_source
-from sae_jax.errors import Interrupted
+from sae_jax.errors import Interrupted, NonFiniteError
 from sae_jax.metrics import quick_eval
 from sae_jax.sae import SAE, fold_input_scale
-from sae_jax.trainer import NONFINITE, STEP_AVERAGED, kernel, TrainState, abstract_state, init_state, make_step, spec_from_config
-from sae_jax.atomic import atomic_write_text, remove_leftovers
+from sae_jax.trainer import (
+    NONFINITE,
+    STEP_AVERAGED,
+    TrainState,
+    abstract_state,
+    init_state,
+    kernel,
+    make_step,
+    spec_from_config,
+)
 
 
 @dataclasses.dataclass
@@ -55,7 +63,7 @@ def estimate_scale(source: Source, n_batches: int, d_in: int) -> float:
 
 
 def exported_sae(state: TrainState, cfg: Config, scale: float, source: str) -> SAE:
-    """The trained SAE with the input scale folded in, so it takes raw activations; the params gathered from every process."""
+    """The trained SAE with the input scale folded in (it takes raw activations), gathered from every process."""
     spec = dataclasses.replace(spec_from_config(cfg), input_scale=scale, source=source)
     return fold_input_scale(SAE(sharding.to_host(state.params), spec))
 
@@ -66,7 +74,8 @@ def writes_files() -> bool:
 
 
 def open_run_dir(cfg: Config) -> Path:
-    """Create `run.out_dir`, refuse one holding another run; on process 0, clear a killed run's temporaries and write config.yaml."""
+    """Create `run.out_dir`, refuse one holding another run; on process 0, clear a killed run's temporaries and
+    write config.yaml."""
     run_dir = Path(cfg.run.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.out_dir: expected a directory, found a file at {run_dir}")
@@ -107,11 +116,15 @@ def _check_same_run(run_dir: Path, cfg: Config) -> None:
     new = to_dict(cfg)
     for section in ("sae", "data", "train"):
         if not isinstance(old, dict) or not isinstance(old.get(section, {}), dict):
-            raise ConfigError(f"{old_path}: expected the config a run wrote, found {type(old).__name__}; use another run.out_dir")
+            raise ConfigError(
+                f"{old_path}: expected the config a run wrote, found {type(old).__name__}; use another run.out_dir"
+            )
         for key, value in _flatten(new[section], section).items():
             was = _flatten(old.get(section, {}), section).get(key)
             if was != value and key not in SPEED_ONLY:
-                raise ConfigError(f"{key}: {run_dir} holds a run with {was!r}, this config says {value!r}; use another run.out_dir")
+                raise ConfigError(
+                    f"{key}: {run_dir} holds a run with {was!r}, this config says {value!r}; use another run.out_dir"
+                )
 
 
 def _flatten(d: dict, prefix: str) -> dict:
@@ -153,7 +166,7 @@ def is_complete(cfg: Config) -> bool:
 
 
 def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True, say=_quiet) -> RunResult:
-    """Train (or resume) the run `cfg` describes. `stop_after`: return after that step without a final save, as if killed.
+    """Train (or resume) the run `cfg` describes. `stop_after`: return after that step, unsaved, as if killed.
 
     `say(line)` hears each phase (loading, resuming, compiling, exporting). The config is checked against the
     data (the model's width and layers) before anything is written.
@@ -162,7 +175,10 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True, 
     """
     if cfg.mesh.distributed:
         sharding.start_distributed()
-    say(f"opening the {cfg.data.source} source" + (f" (model {cfg.data.model.path})" if cfg.data.source == "llama" else ""))
+    say(
+        f"opening the {cfg.data.source} source"
+        + (f" (model {cfg.data.model.path})" if cfg.data.source == "llama" else "")
+    )
     source = make_source(cfg)
     run_dir = open_run_dir(cfg)
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.run.keep)
@@ -240,11 +256,15 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
     step_fn, put = make_step(cfg), batch_placer(cfg)
     scale_dev = jnp.float32(scale)
     end = t.steps if stop_after is None else min(t.steps, stop_after)
-    bar = tqdm(total=t.steps, initial=start, disable=not progress or not writes_files(), unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=t.steps, initial=start, disable=not progress or not writes_files(), unit="step", dynamic_ncols=True
+    )
     if start < end:
         which = kernel(spec_from_config(cfg), t, cfg.sae)
-        say(f"compiling the training step (B={B}, D={cfg.sae.d_in}, N={cfg.sae.n_latents}, kernel {which}"
-            f"{' from auto' if t.kernel == 'auto' else ''}); the first step waits on it")
+        say(
+            f"compiling the training step (B={B}, D={cfg.sae.d_in}, N={cfg.sae.n_latents}, kernel {which}"
+            f"{' from auto' if t.kernel == 'auto' else ''}); the first step waits on it"
+        )
     last_time, last_step, skipped, since_log = time.perf_counter(), start, 0, {}
     with open(metrics_path, "a") if writes_files() else contextlib.nullcontext() as mfile:
         pos = source.state()
@@ -266,7 +286,12 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
                 m.update({k: m[k] / (done - last_step) for k in since_log})
                 since_log = {}
                 now = time.perf_counter()
-                m.update(step=done, tokens=done * B, tokens_per_s=(done - last_step) * B / max(now - last_time, 1e-9), skipped=skipped)
+                m.update(
+                    step=done,
+                    tokens=done * B,
+                    tokens_per_s=(done - last_step) * B / max(now - last_time, 1e-9),
+                    skipped=skipped,
+                )
                 if cfg.run.eval_every and done % cfg.run.eval_every == 0 and x is not None:
                     # x is the next batch, not yet trained on: held-out for the params as they are now.
                     held_out = quick_eval(SAE(state.params, spec_from_config(cfg)), x * scale_dev)
@@ -275,8 +300,13 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
                 if mfile:
                     mfile.write(json.dumps(m) + "\n")
                     mfile.flush()
-                shown = dict(tok_s=f"{m['tokens_per_s']:.3g}", loss=f"{m['loss']:.4g}", L0=f"{m['l0']:.1f}",
-                             EV=f"{m['explained_variance']:.3f}", dead=f"{m['dead_fraction']:.3f}")
+                shown = dict(
+                    tok_s=f"{m['tokens_per_s']:.3g}",
+                    loss=f"{m['loss']:.4g}",
+                    L0=f"{m['l0']:.1f}",
+                    EV=f"{m['explained_variance']:.3f}",
+                    dead=f"{m['dead_fraction']:.3f}",
+                )
                 bar.set_postfix(shown)
                 if not progress and writes_files():
                     say(f"step {done}/{t.steps}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
@@ -297,11 +327,17 @@ def _check_finite(state: TrainState, done: int, mode: str, ckpts: Checkpoints) -
     """
     skipped, (bad_step, what), params_ok = sharding.to_host((state.skipped, state.first_bad, _all_finite(state.params)))
     last = ckpts.latest_step()
-    kept = f"the last good checkpoint, step {last}, is kept" if last is not None else "no checkpoint was saved before it"
+    kept = (
+        f"the last good checkpoint, step {last}, is kept" if last is not None else "no checkpoint was saved before it"
+    )
     if mode == "stop" and bad_step >= 0:
-        raise NonFiniteError(f"step {int(bad_step) + 1}: non-finite {NONFINITE[int(what)]}; stopped (train.on_nonfinite=stop), {kept}")
+        raise NonFiniteError(
+            f"step {int(bad_step) + 1}: non-finite {NONFINITE[int(what)]}; stopped (train.on_nonfinite=stop), {kept}"
+        )
     if not params_ok:
-        raise NonFiniteError(f"by step {done}: non-finite params (an update overflowed; is train.lr too large?); stopped, {kept}")
+        raise NonFiniteError(
+            f"by step {done}: non-finite params (an update overflowed; is train.lr too large?); stopped, {kept}"
+        )
     return int(skipped)
 
 

@@ -127,7 +127,7 @@ def pre_activations(params: SAEParams, spec: SAESpec, x: jax.Array) -> jax.Array
 
 
 def activate(spec: SAESpec, pre: jax.Array, threshold: jax.Array | None = None) -> jax.Array:
-    """pre: [..., N] -> f: [..., N]. relu; relu of the k largest (ties broken by index); jumprelu: pre where pre > threshold [N]."""
+    """pre: [..., N] -> f: [..., N]. relu; relu of the k largest (ties by index); jumprelu: pre > threshold [N]."""
     if spec.architecture == "relu":
         return jax.nn.relu(pre)
     if spec.architecture == "jumprelu":

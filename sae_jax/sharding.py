@@ -15,7 +15,8 @@ Multi-host. With `mesh.distributed: true`, `run.train` first calls
 `jax.distributed.initialize()` (`start_distributed`). Start the same command
 on every host, one process each:
 
-    JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=P JAX_PROCESS_ID=i python train.py --config X.yaml --set mesh.distributed=true
+    JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=P JAX_PROCESS_ID=i \
+        sae-jax train --config X.yaml --set mesh.distributed=true
 
 with i = 0 on host0 (it serves the coordinator at that port) and 1 .. P-1 on
 the others. JAX reads JAX_COORDINATOR_ADDRESS itself; the other two are read
@@ -59,7 +60,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sae_jax.sae import SAEParams
 
@@ -90,8 +92,10 @@ def start_distributed(environ: Mapping[str, str] = os.environ) -> None:
         jax.distributed.initialize(**args)
     except (ValueError, TypeError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"mesh.distributed: jax.distributed.initialize() failed ({first}); "
-                          f"expected JAX_COORDINATOR_ADDRESS, {ENV_PROCESSES} and {ENV_PROCESS_ID} or a cluster JAX detects") from None
+        raise ConfigError(
+            f"mesh.distributed: jax.distributed.initialize() failed ({first}); "
+            f"expected JAX_COORDINATOR_ADDRESS, {ENV_PROCESSES} and {ENV_PROCESS_ID} or a cluster JAX detects"
+        ) from None
 
 
 def needs_mesh(cfg) -> bool:
@@ -109,10 +113,14 @@ def make_mesh(cfg, devices: list | None = None) -> Mesh:
     data, model = cfg.mesh.data, cfg.mesh.model
     devices = jax.devices() if devices is None else devices
     if jax.process_count() > 1 and data * model != len(jax.devices()):
-        raise ConfigError(f"mesh: expected data * model = {len(jax.devices())}, the devices of all {jax.process_count()} processes, "
-                          f"found {data} * {model} = {data * model}")
+        raise ConfigError(
+            f"mesh: expected data * model = {len(jax.devices())}, the devices of all {jax.process_count()} processes, "
+            f"found {data} * {model} = {data * model}"
+        )
     if data * model > len(devices):
-        raise ConfigError(f"mesh: expected data * model <= {len(devices)} devices, found {data} * {model} = {data * model}")
+        raise ConfigError(
+            f"mesh: expected data * model <= {len(devices)} devices, found {data} * {model} = {data * model}"
+        )
     if cfg.data.batch_size % data:
         raise ConfigError(f"mesh.data: expected a divisor of data.batch_size = {cfg.data.batch_size}, found {data}")
     if cfg.sae.n_latents % model:
@@ -133,7 +141,11 @@ def state_shardings(mesh: Mesh, state: Any) -> Any:
     # jumprelu's threshold [N] follows the latents.
     with_threshold = dataclasses.replace(params, threshold=NamedSharding(mesh, P("model")))
     tree = jax.tree.map(
-        lambda x: (params if x.threshold is None else with_threshold) if isinstance(x, SAEParams) else NamedSharding(mesh, P()),
+        lambda x: (
+            (params if x.threshold is None else with_threshold)
+            if isinstance(x, SAEParams)
+            else NamedSharding(mesh, P())
+        ),
         state,
         is_leaf=lambda x: isinstance(x, SAEParams),
     )
@@ -152,12 +164,14 @@ def process_rows(mesh: Mesh, batch_size: int) -> slice:
     index = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1))
     spans = sorted({idx[0].indices(batch_size)[:2] for idx in index.values()})
     if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
-        raise ConfigError(f"mesh: expected this process's devices to hold adjacent rows of the batch, found rows {spans}")
+        raise ConfigError(
+            f"mesh: expected this process's devices to hold adjacent rows of the batch, found rows {spans}"
+        )
     return slice(spans[0][0], spans[-1][1])
 
 
 def place_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:
-    """local: [B/P, D], this process's `process_rows` of the batch -> x: [B, D] with `batch_sharding` (B/P = B on one process)."""
+    """local: [B/P, D], this process's `process_rows` of the batch -> x: [B, D] with `batch_sharding`."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
 
 
@@ -170,6 +184,7 @@ def to_host(tree: Any) -> Any:
 
     With several processes, every one must call it with the same tree (the gathers are collectives).
     """
+
     def get(a):
         if isinstance(a, jax.Array) and not a.is_fully_addressable:
             return multihost_utils.process_allgather(a, tiled=True)

@@ -78,12 +78,14 @@ def convert_llama3(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
         vocab_file=str(model_file), pattern=PATTERN, extra_special_tokens=SPECIAL_TOKENS
     ).converted()
     # As in the hub's tokenizer.json: `tokenizer(text)` prepends BOS.
-    backend.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, N_BASE)]
-        ),
-    ])
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, N_BASE)]
+            ),
+        ]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,

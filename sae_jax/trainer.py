@@ -38,7 +38,9 @@ def spec_from_config(cfg: Config) -> SAESpec:
     s = cfg.sae
     inference = arch.get(s.architecture).inference
     k = s.k if inference == "topk" else None
-    return SAESpec(inference, s.d_in, s.n_latents, k, s.hook_layer, s.hook_site, apply_b_dec_to_input=s.pre_encoder_bias)
+    return SAESpec(
+        inference, s.d_in, s.n_latents, k, s.hook_layer, s.hook_site, apply_b_dec_to_input=s.pre_encoder_bias
+    )
 
 
 def lr_schedule(t: TrainConfig) -> optax.Schedule:
@@ -88,7 +90,7 @@ def init_state(cfg: Config) -> TrainState:
 
 
 def abstract_state(cfg: Config) -> TrainState:
-    """`init_state`'s shapes and dtypes as ShapeDtypeStructs, with its shardings under a mesh: what a checkpoint restores into, shard by shard."""
+    """`init_state`'s shapes and dtypes as ShapeDtypeStructs with its shardings: what a checkpoint restores into."""
     shapes = jax.eval_shape(lambda: _init_state(cfg))
     if not sharding.needs_mesh(cfg):
         return shapes
@@ -154,12 +156,14 @@ def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfi
         compute_dtype=t.compute_dtype,
     )
     if kernel(spec, t) == "sparse":
-        return sparse.sparse_value_and_grad(state.params, spec, x, **kw, k_max=t.sparse_k_max, encoder_grad=t.sparse_encoder_grad)
+        return sparse.sparse_value_and_grad(
+            state.params, spec, x, **kw, k_max=t.sparse_k_max, encoder_grad=t.sparse_encoder_grad
+        )
     return jax.value_and_grad(lambda p: sae_loss(p, spec, x, **kw), has_aux=True)(state.params)
 
 
 def _needs_recipe(s: SAEConfig) -> bool:
-    """Whether `s` trains through its `sae_jax.arch` recipe: all but plain relu and topk, which the sparse kernel covers."""
+    """Whether `s` trains through its `sae_jax.arch` recipe: all but the plain relu and topk of the sparse kernel."""
     plain = s.architecture in ("relu", "topk") and not (s.pre_encoder_bias or s.auxk_normalize)
     return not plain or arch.unit_norm_decoder(s)
 
@@ -184,13 +188,17 @@ def kernel_metrics(out_pre: jax.Array, spec: SAESpec, t: TrainConfig, s: SAEConf
         B, N = out_pre.shape
         n_rows, k_max = sparse.dense_rows(B), min(t.sparse_k_max, N)
         path, over = sparse.route(out_pre, k_max, n_rows)
-        m.update(sparse_token_fraction=sparse.sparse_token_fraction(path, B, n_rows),
-                 dense_fallback=(path == 2).astype(jnp.float32), over_budget_fraction=over.astype(jnp.float32) / B)
+        m.update(
+            sparse_token_fraction=sparse.sparse_token_fraction(path, B, n_rows),
+            dense_fallback=(path == 2).astype(jnp.float32),
+            over_budget_fraction=over.astype(jnp.float32) / B,
+        )
     return m
 
 
-def train_step(state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: SAESpec, t: TrainConfig,
-               s: SAEConfig | None = None):
+def train_step(
+    state: TrainState, x_raw: jax.Array, scale: jax.Array, *, spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None
+):
     """x_raw: [B, D] raw activations, scale: [] -> (new state, metrics dict of [] float32). `s`: see loss_and_grads."""
     x = x_raw.astype(jnp.float32) * scale
     (loss, (out, parts)), grads = loss_and_grads(state, x, spec, t, s)
@@ -243,4 +251,6 @@ def make_step(cfg: Config) -> Callable[[TrainState, jax.Array, jax.Array], tuple
     mesh = sharding.make_mesh(cfg)
     state = sharding.state_shardings(mesh, jax.eval_shape(lambda: _init_state(cfg)))
     rep = sharding.replicated(mesh)
-    return jax.jit(step, in_shardings=(state, sharding.batch_sharding(mesh), rep), out_shardings=(state, rep), donate_argnums=0)
+    return jax.jit(
+        step, in_shardings=(state, sharding.batch_sharding(mesh), rep), out_shardings=(state, rep), donate_argnums=0
+    )

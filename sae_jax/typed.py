@@ -125,7 +125,12 @@ def read_json_object(path: str | Path, error: type[Exception] = ValueError) -> d
     path = Path(path)
     try:
         value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
+    except (
+        OSError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        RecursionError,
+    ) as e:  # RecursionError: nested too deeply
         raise error(f"{path}: unreadable JSON ({first_line(e)})") from None
     if not isinstance(value, dict):
         raise error(f"{path}: top level: expected a JSON object, found {type(value).__name__}")

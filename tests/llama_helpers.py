@@ -50,7 +50,9 @@ def torch_reference(folder, input_ids, attention_mask=None, position_ids=None):
     model.model.layers[-1].register_forward_hook(lambda mod, args, out: raw.setdefault("out", out))
     t = lambda a: None if a is None else torch.as_tensor(np.asarray(a))
     with torch.no_grad():
-        out = model(t(input_ids), attention_mask=t(attention_mask), position_ids=t(position_ids), output_hidden_states=True)
+        out = model(
+            t(input_ids), attention_mask=t(attention_mask), position_ids=t(position_ids), output_hidden_states=True
+        )
     last = raw["out"][0] if isinstance(raw["out"], tuple) else raw["out"]
     return [h.numpy() for h in out.hidden_states], last.numpy(), out.logits.numpy()
 

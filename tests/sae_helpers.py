@@ -68,6 +68,7 @@ class Workspace(NamedTuple):
 
 def cli_workspace(root: Path, tokenizer) -> Workspace:
     from llama_helpers import tiny
+
     from sae_jax.data.demo_chats import write_demo_chats
     from sae_jax.formats import save_sae
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sae_jax import arch
-from sae_jax.arch import batchtopk, jumprelu, matryoshka
+from sae_jax.arch import batchtopk, matryoshka
 from sae_jax.config import ConfigError, load_config
 from sae_jax.sae import SAE, forward_params
 from sae_jax.trainer import init_state, spec_from_config
@@ -21,7 +21,14 @@ B, D, N, K = 16, 8, 32, 3
 
 
 def config(name, *extra):
-    sets = [f"sae.architecture={name}", f"sae.d_in={D}", "sae.expansion=4", "train.steps=100", "train.lr_warmup_steps=10", "train.auxk_k=4"]
+    sets = [
+        f"sae.architecture={name}",
+        f"sae.d_in={D}",
+        "sae.expansion=4",
+        "train.steps=100",
+        "train.lr_warmup_steps=10",
+        "train.auxk_k=4",
+    ]
     sets += [f"sae.k={K}"] if name in ("topk", "batchtopk", "matryoshka") else []
     return load_config(None, sets + list(extra))
 
@@ -200,7 +207,10 @@ def ref_jumprelu_loss(p, x, ctx, sparsity):
 def test_jumprelu_straight_through_gradients_equal_reference(sparsity):
     # eps wide enough that many pre-activations fall in the kernel's window, so the theta gradient is non-trivial.
     cfg, spec, p, x, ctx = setup(
-        "jumprelu", f"sae.jumprelu_sparsity={sparsity}", "sae.jumprelu_bandwidth=0.2", "sae.jumprelu_pre_act_coefficient=0.3"
+        "jumprelu",
+        f"sae.jumprelu_sparsity={sparsity}",
+        "sae.jumprelu_bandwidth=0.2",
+        "sae.jumprelu_pre_act_coefficient=0.3",
     )
     (loss, _), grads = arch.value_and_grad(p, spec, x, ctx)
     ref_loss, ref = jax.value_and_grad(lambda q: ref_jumprelu_loss(q, x, ctx, sparsity))(p)

@@ -17,17 +17,36 @@ from sae_jax.config import load_config
 from sae_jax.run import train
 
 REALISTIC = [
-    "sae.d_in=32", "sae.expansion=16", "data.batch_size=512", "data.synthetic.n_features=128", "data.synthetic.active=5",
-    "data.synthetic.zipf_exponent=0.5", "data.synthetic.correlation=0.3", "data.synthetic.hierarchy_parents=4",
-    "data.synthetic.hierarchy_children=3", "data.synthetic.hierarchy_child_prob=0.3", "data.synthetic.magnitude_spread=0.3",
-    "train.steps=800", "train.lr_warmup_steps=20", "train.dead_tokens=50000", "train.auxk_k=32", "run.save_every=800",
+    "sae.d_in=32",
+    "sae.expansion=16",
+    "data.batch_size=512",
+    "data.synthetic.n_features=128",
+    "data.synthetic.active=5",
+    "data.synthetic.zipf_exponent=0.5",
+    "data.synthetic.correlation=0.3",
+    "data.synthetic.hierarchy_parents=4",
+    "data.synthetic.hierarchy_children=3",
+    "data.synthetic.hierarchy_child_prob=0.3",
+    "data.synthetic.magnitude_spread=0.3",
+    "train.steps=800",
+    "train.lr_warmup_steps=20",
+    "train.dead_tokens=50000",
+    "train.auxk_k=32",
+    "run.save_every=800",
     "run.log_every=100",
 ]
 CASES = {
     "topk": (["sae.architecture=topk", "sae.k=5", "sae.unit_norm_decoder=true", "train.lr=1e-2"], 0.9, 0.95),
     "jumprelu": (
-        ["sae.architecture=jumprelu", "sae.l0_coefficient=10", "sae.jumprelu_bandwidth=0.2", "sae.jumprelu_pre_act_coefficient=1e-3",
-         "train.lr=2e-3"], 0.7, 0.88,
+        [
+            "sae.architecture=jumprelu",
+            "sae.l0_coefficient=10",
+            "sae.jumprelu_bandwidth=0.2",
+            "sae.jumprelu_pre_act_coefficient=1e-3",
+            "train.lr=2e-3",
+        ],
+        0.7,
+        0.88,
     ),
 }
 

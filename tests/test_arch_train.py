@@ -11,9 +11,19 @@ from sae_jax.run import train
 
 RECIPES = {
     "batchtopk": {"sae.architecture": "batchtopk", "sae.k": 2, "train.auxk_k": 4},
-    "jumprelu": {"sae.architecture": "jumprelu", "sae.jumprelu_sparsity": "tanh", "sae.jumprelu_pre_act_coefficient": 1e-3},
+    "jumprelu": {
+        "sae.architecture": "jumprelu",
+        "sae.jumprelu_sparsity": "tanh",
+        "sae.jumprelu_pre_act_coefficient": 1e-3,
+    },
     "matryoshka": {"sae.architecture": "matryoshka", "sae.k": 2, "train.auxk_k": 4, "sae.pre_encoder_bias": True},
-    "topk-unit": {"sae.architecture": "topk", "sae.k": 2, "train.auxk_k": 4, "sae.unit_norm_decoder": True, "sae.auxk_normalize": True},
+    "topk-unit": {
+        "sae.architecture": "topk",
+        "sae.k": 2,
+        "train.auxk_k": 4,
+        "sae.unit_norm_decoder": True,
+        "sae.auxk_normalize": True,
+    },
 }
 
 

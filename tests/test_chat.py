@@ -9,13 +9,20 @@ from sae_jax.tokenizer import llama3_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
-     {"role": "assistant", "content": "6."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6."},
+    ],
     [{"role": "user", "content": "  \n\tpadded question?  \n"}, {"role": "assistant", "content": "\n\nAnswer.\n\n"}],
     [{"role": "user", "content": ""}, {"role": "assistant", "content": "   "}],
     [{"role": "user", "content": "Ünïcödé — 你好 😀 «quotes»"}, {"role": "assistant", "content": "Ça va ?\n- a\n- b"}],
-    [{"role": "user", "content": "literal <|eot_id|> and <|start_header_id|>x"}, {"role": "assistant", "content": "ok"}],
+    [
+        {"role": "user", "content": "literal <|eot_id|> and <|start_header_id|>x"},
+        {"role": "assistant", "content": "ok"},
+    ],
     [{"role": "assistant", "content": "I start."}, {"role": "assistant", "content": "Twice."}],
 ]
 
@@ -54,8 +61,22 @@ def test_many_equals_one_by_one(tok):
 
 def test_roles_and_special_flags(tok):
     out = format_chat(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello there\n"}])
-    assert out.input_ids == [128000, 128006, 882, 128007, 271, 13347, 128009,
-                             128006, 78191, 128007, 271, 9906, 1070, 128009]
+    assert out.input_ids == [
+        128000,
+        128006,
+        882,
+        128007,
+        271,
+        13347,
+        128009,
+        128006,
+        78191,
+        128007,
+        271,
+        9906,
+        1070,
+        128009,
+    ]
     u, a, F = 1, 2, FRAME
     assert out.roles == [F, F, F, F, F, u, F, F, F, F, F, a, a, F]
     assert out.special == [True, True, False, True, False, False, True, True, False, True, False, False, False, True]
@@ -69,12 +90,20 @@ def test_generation_prompt_and_empty(tok):
     assert format_chat(tok, []) == ([], [], [])
 
 
-@pytest.mark.parametrize("conv, message", [
-    ([{"role": "bot", "content": "x"}], r"^conversation\[0\]\.role: expected one of \('system', 'user', 'assistant'\), found 'bot'$"),
-    ([{"role": "user", "content": "x"}, {"role": "user", "content": None}],
-     r"^conversation\[1\]\.content: expected a string, found NoneType$"),
-    ([{"content": "x"}], r"^conversation\[0\]: expected a \{role, content\} mapping, found \{'content': 'x'\}$"),
-])
+@pytest.mark.parametrize(
+    "conv, message",
+    [
+        (
+            [{"role": "bot", "content": "x"}],
+            r"^conversation\[0\]\.role: expected one of \('system', 'user', 'assistant'\), found 'bot'$",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "user", "content": None}],
+            r"^conversation\[1\]\.content: expected a string, found NoneType$",
+        ),
+        ([{"content": "x"}], r"^conversation\[0\]: expected a \{role, content\} mapping, found \{'content': 'x'\}$"),
+    ],
+)
 def test_bad_turns_fail_in_one_line(tok, conv, message):
     with pytest.raises(ValueError, match=message):
         format_chat(tok, conv)
@@ -118,8 +147,9 @@ def dated(tok, tmp_path_factory):
 @pytest.mark.parametrize("prompt", [False, True])
 def test_own_template_gives_apply_chat_template_ids_with_the_pinned_date(dated, prompt):
     for conv in CONVERSATIONS:
-        ref = dated.apply_chat_template(conv, tokenize=True, return_dict=False, add_generation_prompt=prompt,
-                                        date_string="26 Jul 2024")
+        ref = dated.apply_chat_template(
+            conv, tokenize=True, return_dict=False, add_generation_prompt=prompt, date_string="26 Jul 2024"
+        )
         assert format_chat(dated, conv, prompt, date="26 Jul 2024").input_ids == ref, conv
 
 
@@ -134,12 +164,17 @@ def test_own_template_without_a_pinned_date_renders_today(dated):
 
 
 def test_own_template_roles(dated):
-    conv = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello"}]
+    conv = [
+        {"role": "system", "content": " Be brief. "},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     out = format_chat(dated, conv, date="26 Jul 2024")
     text = dated.decode(out.input_ids)
-    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
-                           "December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|>")
+    assert text.startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+        "December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|>"
+    )
     said = {r: dated.decode([i for i, m in zip(out.input_ids, out.mask(r)) if m]) for r in ROLES}
     assert said == {"system": "Be brief.", "user": "Hi", "assistant": "Hello"}  # the date lines are FRAME
     assert [i for i, s in zip(out.input_ids, out.special) if s] == [128000] + [128006, 128007, 128009] * 3
@@ -153,7 +188,9 @@ def test_own_template_ids_random(dated, turns):
     ref = dated.apply_chat_template(conv, tokenize=True, return_dict=False, date_string="1 Jan 2025")
     out = format_chat(dated, conv, date="1 Jan 2025")
     assert out.input_ids == ref
-    for r in ROLES:  # each role's tokens decode to its contents, trimmed (the system one first, as the template puts it)
+    for (
+        r
+    ) in ROLES:  # each role's tokens decode to its contents, trimmed (the system one first, as the template puts it)
         said = [c.strip() for i, (role, c) in enumerate(turns) if role == r and not (r == "system" and i == 0)]
         first = [turns[0][1].strip()] if turns[0][0] == r == "system" else []
         assert dated.decode([i for i, m in zip(out.input_ids, out.mask(r)) if m]) == "".join(first + said)
@@ -173,8 +210,15 @@ def test_training_text_renders_the_folder_template_with_data_text_chat_date(date
 
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     (tmp_path / "rows.jsonl").write_text(json.dumps({"conversation": conv}) + "\n")
-    cfg = TextConfig(path=str(tmp_path / "rows.jsonl"), tokenizer="unused", chat_date="26 Jul 2024", context_size=64,
-                     seqs_per_batch=1, streaming=False, cache_dir=str(tmp_path / "cache"))
+    cfg = TextConfig(
+        path=str(tmp_path / "rows.jsonl"),
+        tokenizer="unused",
+        chat_date="26 Jul 2024",
+        context_size=64,
+        seqs_per_batch=1,
+        streaming=False,
+        cache_dir=str(tmp_path / "cache"),
+    )
     batch = TextSource(cfg, tokenizer=dated).next_batch()
     ids = batch.input_ids[0][batch.attention_mask[0] == 1].tolist()
     assert ids == dated.apply_chat_template(conv, tokenize=True, return_dict=False, date_string="26 Jul 2024")

@@ -16,7 +16,13 @@ D, N = 8, 32
 
 
 def run(script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "convert" / script), *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "convert" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def assert_error(p: subprocess.CompletedProcess, *fragments) -> None:
@@ -29,8 +35,12 @@ def assert_error(p: subprocess.CompletedProcess, *fragments) -> None:
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    tensors = {"encoder.weight": torch.randn(N, D, generator=g), "encoder.bias": torch.randn(N, generator=g),
-               "decoder.weight": torch.randn(D, N, generator=g), "decoder.bias": torch.randn(D, generator=g)}
+    tensors = {
+        "encoder.weight": torch.randn(N, D, generator=g),
+        "encoder.bias": torch.randn(N, generator=g),
+        "decoder.weight": torch.randn(D, N, generator=g),
+        "decoder.bias": torch.randn(D, generator=g),
+    }
     tensors = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
     path = tmp_path_factory.mktemp("cli") / "release.pt"
     torch.save(tensors, path)
@@ -45,16 +55,32 @@ def test_release_to_jax_to_safetensors_and_saelens(release, tmp_path):
     assert json.loads((tmp_path / "sae" / "spec.json").read_text())["hook_site"] == "output"
 
     p = run("jax_to_torch.py", tmp_path / "sae", tmp_path / "out.safetensors")
-    assert p.returncode == 0 and p.stderr == "" and p.stdout == f"wrote {tmp_path / 'out.safetensors'} (safetensors: relu, D={D}, N={N}, bfloat16)\n"
+    assert (
+        p.returncode == 0
+        and p.stderr == ""
+        and p.stdout == f"wrote {tmp_path / 'out.safetensors'} (safetensors: relu, D={D}, N={N}, bfloat16)\n"
+    )
     out = load_file(tmp_path / "out.safetensors")
     assert all(torch.equal(out[k].view(torch.int16), v.view(torch.int16)) for k, v in tensors.items())
 
-    p = run("jax_to_torch.py", tmp_path / "sae", tmp_path / "sl", "--model-name", "meta-llama/Llama-3.2-1B-Instruct", "--context-size", "1024")
+    p = run(
+        "jax_to_torch.py",
+        tmp_path / "sae",
+        tmp_path / "sl",
+        "--model-name",
+        "meta-llama/Llama-3.2-1B-Instruct",
+        "--context-size",
+        "1024",
+    )
     assert p.returncode == 0 and p.stdout.startswith(f"wrote {tmp_path / 'sl'} (saelens:"), p.stderr
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     assert cfg["hook_name"] == "blocks.9.hook_resid_post"
-    assert cfg["metadata"] == {"model_name": "meta-llama/Llama-3.2-1B-Instruct", "context_size": 1024,
-                               "hook_name": "blocks.9.hook_resid_post", "sae_lens_version": "6.0.0"}
+    assert cfg["metadata"] == {
+        "model_name": "meta-llama/Llama-3.2-1B-Instruct",
+        "context_size": 1024,
+        "hook_name": "blocks.9.hook_resid_post",
+        "sae_lens_version": "6.0.0",
+    }
 
     p = run("torch_to_jax.py", tmp_path / "sl", tmp_path / "back")  # SAELens folder in: hook from its hook_name
     assert p.returncode == 0 and p.stdout.endswith("bfloat16, layer 9 output)\n")
@@ -63,19 +89,43 @@ def test_release_to_jax_to_safetensors_and_saelens(release, tmp_path):
 def test_existing_destination_and_overwrite(release, tmp_path):
     src, _ = release
     (tmp_path / "out.pt").write_bytes(b"keep")
-    assert_error(run("jax_to_torch.py", src, tmp_path / "out.pt"), str(tmp_path / "out.pt"), "destination exists", "--overwrite")
+    assert_error(
+        run("jax_to_torch.py", src, tmp_path / "out.pt"), str(tmp_path / "out.pt"), "destination exists", "--overwrite"
+    )
     assert (tmp_path / "out.pt").read_bytes() == b"keep"
     p = run("jax_to_torch.py", src, tmp_path / "out.pt", "--overwrite")
-    assert p.returncode == 0 and torch.load(tmp_path / "out.pt", weights_only=True).keys() == {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}
+    assert p.returncode == 0 and torch.load(tmp_path / "out.pt", weights_only=True).keys() == {
+        "encoder.weight",
+        "encoder.bias",
+        "decoder.weight",
+        "decoder.bias",
+    }
 
 
 def test_bad_inputs_give_one_line(tmp_path):
-    torch.save({"encoder.weight": torch.zeros(D, N), "encoder.bias": torch.zeros(N), "decoder.weight": torch.zeros(D, N),
-                "decoder.bias": torch.zeros(D)}, tmp_path / "t.pt")
-    assert_error(run("torch_to_jax.py", tmp_path / "t.pt", tmp_path / "x"), "torch_to_jax: error:", "t.pt: encoder.weight: expected shape [32, 8], found [8, 32] (transposed)")
-    assert_error(run("torch_to_jax.py", tmp_path / "missing.pt", tmp_path / "x"), "missing.pt: no such file or directory")
+    torch.save(
+        {
+            "encoder.weight": torch.zeros(D, N),
+            "encoder.bias": torch.zeros(N),
+            "decoder.weight": torch.zeros(D, N),
+            "decoder.bias": torch.zeros(D),
+        },
+        tmp_path / "t.pt",
+    )
+    assert_error(
+        run("torch_to_jax.py", tmp_path / "t.pt", tmp_path / "x"),
+        "torch_to_jax: error:",
+        "t.pt: encoder.weight: expected shape [32, 8], found [8, 32] (transposed)",
+    )
+    assert_error(
+        run("torch_to_jax.py", tmp_path / "missing.pt", tmp_path / "x"), "missing.pt: no such file or directory"
+    )
     (tmp_path / "trunc.safetensors").write_bytes(b"\x10\x00\x00")
-    assert_error(run("jax_to_torch.py", tmp_path / "trunc.safetensors", tmp_path / "y.pt"), "jax_to_torch: error:", "trunc.safetensors: truncated")
+    assert_error(
+        run("jax_to_torch.py", tmp_path / "trunc.safetensors", tmp_path / "y.pt"),
+        "jax_to_torch: error:",
+        "trunc.safetensors: truncated",
+    )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y.pt").exists()
 
 
@@ -84,4 +134,8 @@ def test_damaged_jax_dir_gives_one_line(release, tmp_path):
     assert run("torch_to_jax.py", release[0], tmp_path / "sae").returncode == 0
     (data,) = (tmp_path / "sae" / "params" / "d").iterdir()
     data.unlink()
-    assert_error(run("jax_to_torch.py", tmp_path / "sae", tmp_path / "y.pt"), str(tmp_path / "sae" / "params"), "unreadable orbax checkpoint")
+    assert_error(
+        run("jax_to_torch.py", tmp_path / "sae", tmp_path / "y.pt"),
+        str(tmp_path / "sae" / "params"),
+        "unreadable orbax checkpoint",
+    )

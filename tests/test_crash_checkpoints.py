@@ -24,8 +24,16 @@ from sae_jax.config import load_config
 from sae_jax.run import train
 
 SETS = [
-    "sae.d_in=8", "sae.expansion=4", "data.batch_size=32", "train.steps=30", "train.lr=1e-2",
-    "train.lr_warmup_steps=3", "run.save_every=10", "run.log_every=5", "run.keep=3", "train.scale_batches=2",
+    "sae.d_in=8",
+    "sae.expansion=4",
+    "data.batch_size=32",
+    "train.steps=30",
+    "train.lr=1e-2",
+    "train.lr_warmup_steps=3",
+    "run.save_every=10",
+    "run.log_every=5",
+    "run.keep=3",
+    "train.scale_batches=2",
 ]
 
 
@@ -78,7 +86,10 @@ DAMAGE = {
     "meta: input scale changed": lambda d: edit_meta(d, scale=1.5),
     "meta: data position changed": lambda d: edit_meta(d, data={"index": 3}),
     "meta item deleted": lambda d: shutil.rmtree(d / "meta"),
-    "state swapped with step 20's": lambda d: (shutil.rmtree(d / "state"), shutil.copytree(d.parent / "20" / "state", d / "state")),
+    "state swapped with step 20's": lambda d: (
+        shutil.rmtree(d / "state"),
+        shutil.copytree(d.parent / "20" / "state", d / "state"),
+    ),
     "step directory emptied": lambda d: (shutil.rmtree(d), d.mkdir()),
 }
 
@@ -163,7 +174,9 @@ def assert_same_run(reference, run: Path, result) -> None:
     assert int(result.state.step) == 30 and result.scale == ref.scale
     assert_bits_equal(result.state, ref.state)
     assert_bits_equal(load_sae(run / "sae").params, load_sae(ref_dir / "sae").params)
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()]
+    strip = lambda p: [
+        {k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()
+    ]
     assert strip(run / "metrics.jsonl") == strip(ref_dir / "metrics.jsonl")
     assert (run / "eval.json").read_text() == (ref_dir / "eval.json").read_text()  # the same held-out batches
     # and the checkpoint now at 30 is the reference's, fingerprint included

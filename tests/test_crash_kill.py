@@ -31,8 +31,16 @@ from sae_jax.trainer import init_state
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 160, 5
 SETS = [
-    "sae.d_in=8", "sae.expansion=4", "data.batch_size=32", f"train.steps={STEPS}", "train.lr=1e-2",
-    "train.lr_warmup_steps=3", f"run.save_every={SAVE_EVERY}", "run.log_every=5", "run.keep=3", "train.scale_batches=2",
+    "sae.d_in=8",
+    "sae.expansion=4",
+    "data.batch_size=32",
+    f"train.steps={STEPS}",
+    "train.lr=1e-2",
+    "train.lr_warmup_steps=3",
+    f"run.save_every={SAVE_EVERY}",
+    "run.log_every=5",
+    "run.keep=3",
+    "train.scale_batches=2",
 ]
 TMP = ".orbax-checkpoint-tmp"
 
@@ -92,7 +100,10 @@ def test_kill_9_anywhere_then_rerun_is_bit_identical(tmp_path):
         (f"in the save of step >= {a}", lambda: saving_at_least(ckpts, a)),
         (f"between saves, after step {b}", lambda: _after(lambda: logged_step(run) >= b, rng.uniform(0, 0.02))),
         (f"in the save of step >= {c}", lambda: saving_at_least(ckpts, c)),
-        ("while exporting the SAE", lambda: lambda: any(n.startswith(".sae.") and n.endswith(".tmp") for n in listing(run))),
+        (
+            "while exporting the SAE",
+            lambda: lambda: any(n.startswith(".sae.") and n.endswith(".tmp") for n in listing(run)),
+        ),
     ]
     tmp_left, last_steps = [], []
     for what, make_ready in plan:

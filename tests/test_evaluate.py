@@ -7,13 +7,12 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from llama_helpers import tiny
 from sae_helpers import exact_sae, make_sae, pca_sae, zero_sae
+
 from sae_jax.data.text import TokenBatch
 from sae_jax.evaluate import evaluate, quick_eval, site_names
-from sae_jax.llama import load
-from sae_jax.llama import logits_from, residuals
+from sae_jax.llama import load, logits_from, residuals
 from sae_jax.sae import forward
 
 D, LAYERS, L = 64, 4, 2  # the SAEs read layer 2 of a 4-layer model; the site check looks at residuals 1..4
@@ -45,7 +44,9 @@ def batches():
 
 def kept_residuals(model, batches, index: int) -> np.ndarray:
     """[n, D] the residual after `index` layers at the kept positions of all batches."""
-    return np.concatenate([np.asarray(residuals(model, b.input_ids, [index], b.attention_mask)[index])[b.keep] for b in batches])
+    return np.concatenate(
+        [np.asarray(residuals(model, b.input_ids, [index], b.attention_mask)[index])[b.keep] for b in batches]
+    )
 
 
 def test_exact_sae_recovers_all_the_loss(model, batches):
@@ -53,14 +54,23 @@ def test_exact_sae_recovers_all_the_loss(model, batches):
     n_kept = sum(int(b.keep.sum()) for b in batches)
     assert (r.tokens, r.sequences) == (n_kept, 12)
     assert r.mse == 0 and r.explained_variance == 1 and r.fvu_per_token == 0
-    assert [s.explained_variance for s in r.sites] == [1, 1, 1, 1] and r.best_site.index == L  # a tie: its own site wins
+    assert [s.explained_variance for s in r.sites] == [
+        1,
+        1,
+        1,
+        1,
+    ] and r.best_site.index == L  # a tie: its own site wins
     assert r.l0 == D and r.dead_fraction == 0 and r.dense_fraction == 1  # every token has D non-zero coordinates
     m = r.lm
     assert m.predictions == sum(int((b.attention_mask[:, 1:] * b.attention_mask[:, :-1]).sum()) for b in batches)
-    assert abs(m.ce_zero - m.ce_clean) > 0.05  # ablation changes the loss (a random model may even gain), so the ratio means something
+    assert (
+        abs(m.ce_zero - m.ce_clean) > 0.05
+    )  # ablation changes the loss (a random model may even gain), so the ratio means something
     assert m.loss_recovered == pytest.approx(1.0, abs=1e-6) and m.delta_loss == pytest.approx(0.0, abs=1e-6)
     assert m.kl == pytest.approx(0.0, abs=1e-6)
-    assert (m.ce_zero < m.ce_clean) and "note: zero ablation does not raise the loss here" in r.table()  # a random model
+    assert (
+        m.ce_zero < m.ce_clean
+    ) and "note: zero ablation does not raise the loss here" in r.table()  # a random model
 
 
 def test_zero_sae_is_zero_ablation(model, batches):
@@ -81,8 +91,13 @@ def test_every_number_matches_a_float64_numpy_reference(model, batches):
     """A PCA SAE (rank 8, so L0 is 8) plus 4 latents that never fire, over three batches, against numpy in float64."""
     base = pca_sae(kept_residuals(model, token_batches(1), L), 8, L, "input")
     p = base.params
-    sae = make_sae(np.concatenate([p.W_enc, np.zeros((D, 4))], 1), np.concatenate([p.b_enc, -np.ones(4)]),
-                   np.concatenate([p.W_dec, np.ones((4, D))], 0), p.b_dec, L)
+    sae = make_sae(
+        np.concatenate([p.W_enc, np.zeros((D, 4))], 1),
+        np.concatenate([p.b_enc, -np.ones(4)]),
+        np.concatenate([p.W_dec, np.ones((4, D))], 0),
+        p.b_dec,
+        L,
+    )
     r = evaluate(model, sae, batches, 10**9, dense_threshold=0.5)
 
     xs, xhs, fs, ce, kls = [], [], [], {"clean": [], "sae": [], "zero": []}, []
@@ -90,9 +105,15 @@ def test_every_number_matches_a_float64_numpy_reference(model, batches):
         x = residuals(model, b.input_ids, [L], b.attention_mask)[L]
         x_hat, f, _ = forward(sae, x)
         keep = b.keep[..., None]
-        xs.append(np.asarray(x, np.float64)[b.keep]), xhs.append(np.asarray(x_hat, np.float64)[b.keep]), fs.append(np.asarray(f)[b.keep])
-        lp = {k: log_softmax(logits_from(model, v, L, "input", b.attention_mask))[:, :-1]
-              for k, v in (("clean", x), ("sae", jnp.where(keep, x_hat, x)), ("zero", jnp.where(keep, 0.0, x)))}
+        (
+            xs.append(np.asarray(x, np.float64)[b.keep]),
+            xhs.append(np.asarray(x_hat, np.float64)[b.keep]),
+            fs.append(np.asarray(f)[b.keep]),
+        )
+        lp = {
+            k: log_softmax(logits_from(model, v, L, "input", b.attention_mask))[:, :-1]
+            for k, v in (("clean", x), ("sae", jnp.where(keep, x_hat, x)), ("zero", jnp.where(keep, 0.0, x)))
+        }
         scored = (b.attention_mask[:, 1:] * b.attention_mask[:, :-1]).astype(bool)
         target = b.input_ids[:, 1:, None]
         for k in ce:
@@ -161,7 +182,11 @@ def test_save_writes_json_density_and_png(model, batches, tmp_path):
     assert saved["best_site"] == r.best_site.names and "ce_clean" not in saved
     np.testing.assert_array_equal(np.load(out / "feature_density.npy"), r.density.astype(np.float32))
     assert (out / "feature_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "feature_density.npy", "feature_density.png"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "eval.json",
+        "feature_density.npy",
+        "feature_density.png",
+    ]  # no temp files left
 
 
 @pytest.mark.parametrize(

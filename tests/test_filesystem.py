@@ -10,10 +10,8 @@ process never forks from this multithreaded one.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import resource
 import shutil
 import stat
 import subprocess
@@ -23,18 +21,25 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from sae_helpers import without_progress
 
 from sae_jax.checkpoint import CheckpointError, Checkpoints
 from sae_jax.config import ConfigError, load_config
 from sae_jax.formats import load_sae
 from sae_jax.formats.common import cause
 from sae_jax.run import train
-from sae_helpers import without_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = [
-    "sae.d_in=8", "sae.expansion=4", "data.batch_size=32", "train.steps=40", "train.lr=1e-2",
-    "train.lr_warmup_steps=3", "run.save_every=10", "run.log_every=10", "train.scale_batches=2",
+    "sae.d_in=8",
+    "sae.expansion=4",
+    "data.batch_size=32",
+    "train.steps=40",
+    "train.lr=1e-2",
+    "train.lr_warmup_steps=3",
+    "run.save_every=10",
+    "run.log_every=10",
+    "train.scale_batches=2",
 ]
 # Sizes at this config: config.yaml ~1 KB, metrics.jsonl ~1.3 KB at the end, the exported SAE's
 # largest file ~2.5 KB, a checkpoint's array file ~7 KB.
@@ -79,13 +84,17 @@ def assert_bits_equal(x, y) -> None:
 
 def test_out_dir_under_a_regular_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match=re.escape(f"run.out_dir: cannot create {tmp_path / 'file' / 'run'} (Not a directory)")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"run.out_dir: cannot create {tmp_path / 'file' / 'run'} (Not a directory)")
+    ):
         train(cfg(tmp_path / "file" / "run"), progress=False)
 
 
 def test_out_dir_that_is_a_regular_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match=re.escape(f"run.out_dir: expected a directory, found a file at {tmp_path / 'file'}")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"run.out_dir: expected a directory, found a file at {tmp_path / 'file'}")
+    ):
         train(cfg(tmp_path / "file"), progress=False)
     assert (tmp_path / "file").read_text() == "x"
 
@@ -105,7 +114,10 @@ def test_out_dir_the_kernel_will_not_let_us_create_is_one_line(out_dir):
 def test_checkpoints_path_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("not a directory")
-    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / 'run' / 'checkpoints'))}: expected a checkpoint directory, found a file$"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{re.escape(str(tmp_path / 'run' / 'checkpoints'))}: expected a checkpoint directory, found a file$",
+    ):
         train(cfg(tmp_path / "run"), progress=False)
 
 
@@ -113,7 +125,10 @@ def test_unwritable_out_dir_through_the_cli_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     r = run_cli(tmp_path / "file" / "run")
     assert r.returncode == 1 and r.stdout == ""
-    assert without_progress(r.stderr) == f"error: run.out_dir: cannot create {tmp_path / 'file' / 'run'} (Not a directory)\n"
+    assert (
+        without_progress(r.stderr)
+        == f"error: run.out_dir: cannot create {tmp_path / 'file' / 'run'} (Not a directory)\n"
+    )
 
 
 def test_outputs_get_the_usual_permissions(reference):
@@ -156,20 +171,30 @@ def test_full_disk_during_the_export_leaves_no_half_written_sae(reference, tmp_p
     (run / "eval.json").unlink()
     r = run_cli(run, fsize=EXPORT_LIMIT)
     assert r.returncode == 1 and r.stdout == ""
-    assert without_progress(r.stderr) == f"error: {run / 'sae'}: could not be written (File too large); the destination is as it was\n"
+    assert (
+        without_progress(r.stderr)
+        == f"error: {run / 'sae'}: could not be written (File too large); the destination is as it was\n"
+    )
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
     assert train(cfg(run), progress=False).sae is not None
     assert_bits_equal(load_sae(run / "sae").params, load_sae(reference[0] / "sae").params)
 
 
-@pytest.mark.parametrize("code, text", [(28, "No space left on device"), (27, "File too large"), (13, "Permission denied")])
+@pytest.mark.parametrize(
+    "code, text", [(28, "No space left on device"), (27, "File too large"), (13, "Permission denied")]
+)
 def test_cause_reads_the_os_error_out_of_tensorstore_messages(code, text):
     """tensorstore reports I/O failures as ValueError with the errno at the end; ENOSPC is reported like EFBIG."""
-    e = ValueError(f'OUT_OF_RANGE: Error writing "key/0" in OCDBT database at local file "/x/": Failed to write 2931 bytes to file 5: {text} [os_error_code=\'{code}\']')
+    e = ValueError(
+        f'OUT_OF_RANGE: Error writing "key/0" in OCDBT database at local file "/x/": Failed to write 2931 bytes to file 5: {text} [os_error_code=\'{code}\']'
+    )
     assert cause(e) == text
     assert cause(OSError(code, text)) == text
     assert cause(RuntimeError(f"Error while serializing: I/O error: {text} (os error {code})")) == text
-    assert cause(ValueError("DATA_LOSS: checksum mismatch [tensorstore_spec='{...}']\nmore")) == "ValueError: DATA_LOSS: checksum mismatch"
+    assert (
+        cause(ValueError("DATA_LOSS: checksum mismatch [tensorstore_spec='{...}']\nmore"))
+        == "ValueError: DATA_LOSS: checksum mismatch"
+    )
 
 
 @pytest.mark.parametrize("dst", ["out.pt", "out.safetensors"])  # torch.save's OSError, safetensors' own error type
@@ -180,8 +205,16 @@ def test_full_disk_during_a_convert_leaves_nothing(reference, tmp_path, dst):
         "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
     )
     src = reference[0] / "sae"
-    r = subprocess.run([sys.executable, "-c", launcher, str(ROOT / "convert" / "jax_to_torch.py"), str(src), str(tmp_path / dst)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", launcher, str(ROOT / "convert" / "jax_to_torch.py"), str(src), str(tmp_path / dst)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and r.stdout == ""
-    assert without_progress(r.stderr) == f"jax_to_torch: error: {tmp_path / dst}: could not be written (File too large); the destination is as it was\n"
+    assert (
+        without_progress(r.stderr)
+        == f"jax_to_torch: error: {tmp_path / dst}: could not be written (File too large); the destination is as it was\n"
+    )
     assert list(tmp_path.iterdir()) == []

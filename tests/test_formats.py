@@ -26,7 +26,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-def random_tensors(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int, awkward: bool) -> dict[str, torch.Tensor]:
+def random_tensors(
+    shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int, awkward: bool
+) -> dict[str, torch.Tensor]:
     """Random normal values; `awkward` plants -0.0, a subnormal and the dtype's max in each."""
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -51,9 +53,15 @@ def saelens_tensors(dtype: torch.dtype, seed: int = 0, awkward: bool = True) -> 
 def write_saelens_folder(folder, tensors, **cfg):
     folder.mkdir()
     save_file(tensors, folder / "sae_weights.safetensors")
-    base = {"architecture": "standard", "d_in": D, "d_sae": N, "dtype": "float32", "apply_b_dec_to_input": False,
-            "normalize_activations": "none",
-            "metadata": {"hook_name": "blocks.9.hook_resid_pre", "model_name": "m", "sae_lens_version": "6.1.0"}}
+    base = {
+        "architecture": "standard",
+        "d_in": D,
+        "d_sae": N,
+        "dtype": "float32",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": "blocks.9.hook_resid_pre", "model_name": "m", "sae_lens_version": "6.1.0"},
+    }
     (folder / "cfg.json").write_text(json.dumps({**base, **cfg}))
     return folder
 
@@ -103,8 +111,14 @@ def test_saelens_to_jax_to_saelens_is_bit_exact(tmp_path, dtype):
     out = save_sae(sae, tmp_path / "out", "saelens", metadata={"model_name": "m"})
     assert_bits_equal(load_file(out / "sae_weights.safetensors"), ref)
     assert json.loads((out / "cfg.json").read_text()) == {
-        "architecture": "standard", "d_in": D, "d_sae": N, "dtype": dtype, "device": "cpu",
-        "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+        "architecture": "standard",
+        "d_in": D,
+        "d_sae": N,
+        "dtype": dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
         "hook_name": "blocks.9.hook_resid_pre",
         "metadata": {"model_name": "m", "hook_name": "blocks.9.hook_resid_pre", "sae_lens_version": "6.1.0"},
     }
@@ -112,21 +126,39 @@ def test_saelens_to_jax_to_saelens_is_bit_exact(tmp_path, dtype):
 
 def test_saelens_topk_at_resid_post_round_trips(tmp_path):
     ref = saelens_tensors(torch.bfloat16, seed=2)
-    src = write_saelens_folder(tmp_path / "src", ref, architecture="topk", k=5, metadata={"hook_name": "blocks.12.hook_resid_post"})
+    src = write_saelens_folder(
+        tmp_path / "src", ref, architecture="topk", k=5, metadata={"hook_name": "blocks.12.hook_resid_post"}
+    )
     sae = load_sae(src)
     assert (sae.spec.architecture, sae.spec.k, sae.spec.hook_layer, sae.spec.hook_site) == ("topk", 5, 12, "output")
     out = save_sae(sae, tmp_path / "out", "saelens")
     cfg = json.loads((out / "cfg.json").read_text())
     # No sae_lens_version: read as SAELens reads a pre-6.0 file (prepend_bos true); written as 6.0.
-    meta = {"hook_name": "blocks.12.hook_resid_post", "prepend_bos": True, "neuronpedia_id": None, "sae_lens_version": "6.0.0"}
-    assert (cfg["architecture"], cfg["k"], cfg["hook_name"], cfg["metadata"]) == ("topk", 5, "blocks.12.hook_resid_post", meta)
+    meta = {
+        "hook_name": "blocks.12.hook_resid_post",
+        "prepend_bos": True,
+        "neuronpedia_id": None,
+        "sae_lens_version": "6.0.0",
+    }
+    assert (cfg["architecture"], cfg["k"], cfg["hook_name"], cfg["metadata"]) == (
+        "topk",
+        5,
+        "blocks.12.hook_resid_post",
+        meta,
+    )
     assert_bits_equal(load_file(out / "sae_weights.safetensors"), ref)
 
 
 def test_saelens_pre_v6_config_is_read(tmp_path):
     """Before v6: hook_name at the top level, top-k as activation_fn_str + activation_fn_kwargs."""
-    src = write_saelens_folder(tmp_path / "src", saelens_tensors(torch.float32), metadata=None, hook_name="blocks.3.hook_resid_pre",
-                               activation_fn_str="topk", activation_fn_kwargs={"k": 7})
+    src = write_saelens_folder(
+        tmp_path / "src",
+        saelens_tensors(torch.float32),
+        metadata=None,
+        hook_name="blocks.3.hook_resid_pre",
+        activation_fn_str="topk",
+        activation_fn_kwargs={"k": 7},
+    )
     spec = load_sae(src).spec
     assert (spec.architecture, spec.k, spec.hook_layer, spec.hook_site) == ("topk", 7, 3, "input")
 
@@ -136,8 +168,13 @@ def test_saelens_apply_b_dec_to_input_is_held_not_folded(tmp_path, dtype):
     ref = saelens_tensors(DTYPES[dtype], seed=3, awkward=False)
     sae = load_sae(write_saelens_folder(tmp_path / "src", ref, apply_b_dec_to_input=True))
     assert sae.spec.apply_b_dec_to_input and sae.spec.dtype == dtype  # no widened b_enc' = b_enc - b_dec @ W_enc
-    assert_bits_equal({k: torch.from_numpy(np.asarray(getattr(sae.params, k)).astype(np.float32)).to(v.dtype)
-                       for k, v in ref.items()}, ref)
+    assert_bits_equal(
+        {
+            k: torch.from_numpy(np.asarray(getattr(sae.params, k)).astype(np.float32)).to(v.dtype)
+            for k, v in ref.items()
+        },
+        ref,
+    )
     w = {k: v.double().numpy() for k, v in ref.items()}
     x = np.random.default_rng(0).normal(size=(4, D))
     expected = np.maximum((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0)  # SAELens: relu((x - b_dec) @ W_enc + b_enc)
@@ -229,7 +266,12 @@ def test_detect_format(tmp_path):
     save_sae(load_sae(tmp_path / "r.pt"), tmp_path / "r.safetensors", "safetensors")
     save_sae(load_sae(tmp_path / "r.pt"), tmp_path / "sl", "saelens")
     save_sae(load_sae(tmp_path / "r.pt"), tmp_path / "j")
-    assert [detect_format(tmp_path / p) for p in ("r.pt", "r.safetensors", "sl", "j")] == ["pt", "safetensors", "saelens", "jax"]
+    assert [detect_format(tmp_path / p) for p in ("r.pt", "r.safetensors", "sl", "j")] == [
+        "pt",
+        "safetensors",
+        "saelens",
+        "jax",
+    ]
 
 
 @pytest.mark.parametrize("fmt,name", [("jax", "j"), ("pt", "a.pt"), ("saelens", "sl")])
@@ -241,7 +283,9 @@ def test_overwrite_replaces_and_leaves_no_temporaries(tmp_path, fmt, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
-@pytest.mark.parametrize("fmt,name,writer", [("jax", "j", "write_jax"), ("pt", "a.pt", "write_release"), ("saelens", "sl", "write_saelens")])
+@pytest.mark.parametrize(
+    "fmt,name,writer", [("jax", "j", "write_jax"), ("pt", "a.pt", "write_release"), ("saelens", "sl", "write_saelens")]
+)
 def test_failed_write_keeps_the_old_output_and_leaves_nothing_else(tmp_path, monkeypatch, fmt, name, writer):
     save_sae(small_sae(), tmp_path / name, fmt)
     real = getattr(formats, writer)
@@ -260,15 +304,27 @@ def test_failed_write_keeps_the_old_output_and_leaves_nothing_else(tmp_path, mon
 
 
 def test_saelens_metadata_goes_into_cfg(tmp_path):
-    meta = {"model_name": "meta-llama/Llama-3.2-1B-Instruct", "context_size": 1024, "dataset_path": "lmsys/lmsys-chat-1m"}
+    meta = {
+        "model_name": "meta-llama/Llama-3.2-1B-Instruct",
+        "context_size": 1024,
+        "dataset_path": "lmsys/lmsys-chat-1m",
+    }
     out = save_sae(small_sae(), tmp_path / "sl", "saelens", metadata=meta)
     expected = {**meta, "hook_name": "blocks.9.hook_resid_pre", "sae_lens_version": "6.0.0"}
     assert json.loads((out / "cfg.json").read_text())["metadata"] == expected
 
 
 def jumprelu_sae(dtype="float32") -> SAE:
-    s = SAESpec("jumprelu", D, N, dtype="float32", apply_b_dec_to_input=True, input_scale=2.5, hook_layer=4,
-                metadata=json.dumps({"model_name": "m", "context_size": 1024, "prepend_bos": False}))
+    s = SAESpec(
+        "jumprelu",
+        D,
+        N,
+        dtype="float32",
+        apply_b_dec_to_input=True,
+        input_scale=2.5,
+        hook_layer=4,
+        metadata=json.dumps({"model_name": "m", "context_size": 1024, "prepend_bos": False}),
+    )
     p = init_params(jax.random.key(3), s)
     p = dataclasses.replace(p, b_dec=jnp.linspace(-1000, 1000, D), threshold=jnp.linspace(0, 1, N))
     return cast(SAE(p, s), dtype)
@@ -278,10 +334,15 @@ def jumprelu_sae(dtype="float32") -> SAE:
 def test_jax_format_keeps_jumprelu_threshold_pre_bias_and_metadata(tmp_path, dtype):
     sae = jumprelu_sae(dtype)
     loaded = load_sae(save_sae(sae, tmp_path / "sae", metadata={"dataset_path": "lmsys/lmsys-chat-1m"}))
-    expected_meta = {"model_name": "m", "context_size": 1024, "prepend_bos": False,
-                     "dataset_path": "lmsys/lmsys-chat-1m"}
-    assert loaded.spec == dataclasses.replace(sae.spec, metadata=json.dumps(expected_meta, sort_keys=True),
-                                              source=str(tmp_path / "sae"))
+    expected_meta = {
+        "model_name": "m",
+        "context_size": 1024,
+        "prepend_bos": False,
+        "dataset_path": "lmsys/lmsys-chat-1m",
+    }
+    assert loaded.spec == dataclasses.replace(
+        sae.spec, metadata=json.dumps(expected_meta, sort_keys=True), source=str(tmp_path / "sae")
+    )
     assert json.loads((tmp_path / "sae" / "spec.json").read_text())["metadata"] == expected_meta
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         ours, ref = np.asarray(getattr(loaded.params, name)), np.asarray(getattr(sae.params, name))

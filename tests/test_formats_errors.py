@@ -23,8 +23,12 @@ D, N = 8, 32
 
 def release(**changes) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    t = {"encoder.weight": torch.randn(N, D, generator=g), "encoder.bias": torch.randn(N, generator=g),
-         "decoder.weight": torch.randn(D, N, generator=g), "decoder.bias": torch.randn(D, generator=g)}
+    t = {
+        "encoder.weight": torch.randn(N, D, generator=g),
+        "encoder.bias": torch.randn(N, generator=g),
+        "decoder.weight": torch.randn(D, N, generator=g),
+        "decoder.bias": torch.randn(D, generator=g),
+    }
     t.update(changes)
     return {k: v for k, v in t.items() if v is not None}
 
@@ -33,11 +37,21 @@ def saelens_folder(tmp_path: Path, tensors=None, **cfg) -> Path:
     folder = tmp_path / "sl"
     folder.mkdir()
     g = torch.Generator().manual_seed(0)
-    tensors = tensors or {"W_enc": torch.randn(D, N, generator=g), "b_enc": torch.randn(N, generator=g),
-                          "W_dec": torch.randn(N, D, generator=g), "b_dec": torch.randn(D, generator=g)}
+    tensors = tensors or {
+        "W_enc": torch.randn(D, N, generator=g),
+        "b_enc": torch.randn(N, generator=g),
+        "W_dec": torch.randn(N, D, generator=g),
+        "b_dec": torch.randn(D, generator=g),
+    }
     save_file(tensors, folder / "sae_weights.safetensors")
-    base = {"architecture": "standard", "d_in": D, "d_sae": N, "apply_b_dec_to_input": False,
-            "normalize_activations": "none", "metadata": {"hook_name": "blocks.9.hook_resid_pre"}}
+    base = {
+        "architecture": "standard",
+        "d_in": D,
+        "d_sae": N,
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": "blocks.9.hook_resid_pre"},
+    }
     (folder / "cfg.json").write_text(json.dumps({**base, **cfg}))
     return folder
 
@@ -85,7 +99,11 @@ def test_mismatched_decoder_shape(tmp_path):
 
 
 def test_bias_that_is_not_1d(tmp_path):
-    refused(write(tmp_path, release(**{"encoder.bias": torch.zeros(1, N)})), "encoder.bias", "expected a 1-D bias, found shape [1, 32]")
+    refused(
+        write(tmp_path, release(**{"encoder.bias": torch.zeros(1, N)})),
+        "encoder.bias",
+        "expected a 1-D bias, found shape [1, 32]",
+    )
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -107,8 +125,14 @@ def test_non_finite_weight(tmp_path, suffix, bad):
 
 
 def test_non_finite_bf16_weight(tmp_path):
-    refused(write(tmp_path, {k: v.to(torch.bfloat16) for k, v in release(**{"encoder.bias": torch.full((N,), math.nan)}).items()}),
-            "encoder.bias", f"found {N} NaN/inf")
+    refused(
+        write(
+            tmp_path,
+            {k: v.to(torch.bfloat16) for k, v in release(**{"encoder.bias": torch.full((N,), math.nan)}).items()},
+        ),
+        "encoder.bias",
+        f"found {N} NaN/inf",
+    )
 
 
 class Payload:
@@ -143,11 +167,20 @@ def test_not_a_dict(tmp_path):
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
 def test_unsupported_dtype(tmp_path, suffix, dtype):
-    refused(write(tmp_path, release(**{"encoder.bias": torch.zeros(N, dtype=dtype)}), suffix), "encoder.bias", "expected dtype one of float32, bfloat16, float16")
+    refused(
+        write(tmp_path, release(**{"encoder.bias": torch.zeros(N, dtype=dtype)}), suffix),
+        "encoder.bias",
+        "expected dtype one of float32, bfloat16, float16",
+    )
 
 
 def test_mixed_dtypes(tmp_path):
-    refused(write(tmp_path, release(**{"decoder.bias": torch.zeros(D, dtype=torch.float16)})), "decoder.bias", "expected dtype float32", "found float16")
+    refused(
+        write(tmp_path, release(**{"decoder.bias": torch.zeros(D, dtype=torch.float16)})),
+        "decoder.bias",
+        "expected dtype float32",
+        "found float16",
+    )
 
 
 def test_unknown_suffix_and_missing_path(tmp_path):
@@ -161,21 +194,24 @@ def test_unknown_suffix_and_missing_path(tmp_path):
 # --- SAELens -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg,key,found", [
-    ({"architecture": "batchtopk"}, "architecture", '"batchtopk"'),
-    ({"architecture": "transcoder"}, "architecture", '"transcoder"'),
-    ({"normalize_activations": "layer_norm"}, "normalize_activations", '"layer_norm"'),
-    ({"normalize_activations": "constant_norm_rescale"}, "normalize_activations", '"constant_norm_rescale"'),
-    ({"normalize_activations": True}, "normalize_activations", "true"),
-    ({"reshape_activations": "hook_z"}, "reshape_activations", '"hook_z"'),
-    ({"normalize_activations": "expected_average_only_in"}, "normalize_activations", '"expected_average_only_in"'),
-    ({"metadata": {"hook_name": "blocks.9.hook_mlp_out"}}, "hook_name", '"blocks.9.hook_mlp_out"'),
-    ({"metadata": {}}, "hook_name", "null"),
-    ({"d_in": "2048"}, "d_in", '"2048"'),
-    ({"architecture": "topk"}, "k", "null"),
-    ({"activation_fn_str": "tanh-relu"}, "activation_fn_str", '"tanh-relu"'),
-    ({"rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm", "true"),
-])
+@pytest.mark.parametrize(
+    "cfg,key,found",
+    [
+        ({"architecture": "batchtopk"}, "architecture", '"batchtopk"'),
+        ({"architecture": "transcoder"}, "architecture", '"transcoder"'),
+        ({"normalize_activations": "layer_norm"}, "normalize_activations", '"layer_norm"'),
+        ({"normalize_activations": "constant_norm_rescale"}, "normalize_activations", '"constant_norm_rescale"'),
+        ({"normalize_activations": True}, "normalize_activations", "true"),
+        ({"reshape_activations": "hook_z"}, "reshape_activations", '"hook_z"'),
+        ({"normalize_activations": "expected_average_only_in"}, "normalize_activations", '"expected_average_only_in"'),
+        ({"metadata": {"hook_name": "blocks.9.hook_mlp_out"}}, "hook_name", '"blocks.9.hook_mlp_out"'),
+        ({"metadata": {}}, "hook_name", "null"),
+        ({"d_in": "2048"}, "d_in", '"2048"'),
+        ({"architecture": "topk"}, "k", "null"),
+        ({"activation_fn_str": "tanh-relu"}, "activation_fn_str", '"tanh-relu"'),
+        ({"rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm", "true"),
+    ],
+)
 def test_saelens_cfg_refused(tmp_path, cfg, key, found):
     msg = refused(saelens_folder(tmp_path, **cfg), "cfg.json", key)
     assert msg.endswith(f"found {found}"), msg
@@ -187,7 +223,13 @@ def test_saelens_weights_checked_against_cfg(tmp_path):
 
 
 def test_saelens_threshold_key_is_extra(tmp_path):
-    t = {"W_enc": torch.zeros(D, N), "b_enc": torch.zeros(N), "W_dec": torch.zeros(N, D), "b_dec": torch.zeros(D), "threshold": torch.zeros(N)}
+    t = {
+        "W_enc": torch.zeros(D, N),
+        "b_enc": torch.zeros(N),
+        "W_dec": torch.zeros(N, D),
+        "b_dec": torch.zeros(D),
+        "threshold": torch.zeros(N),
+    }
     refused(saelens_folder(tmp_path, tensors=t), "sae_weights.safetensors", "threshold", "extra key")
 
 
@@ -215,16 +257,23 @@ def edit_spec(folder: Path, **changes) -> None:
     path.write_text(json.dumps({k: v for k, v in spec.items() if v != "DELETE"}))
 
 
-@pytest.mark.parametrize("changes,key,found", [
-    ({"n_latents": N * 2}, "W_enc", f"found [{D}, {N}]"),
-    ({"dtype": "bfloat16"}, "W_enc", "found float32"),
-    ({"format_version": 2}, "format_version", "found 2"),
-    ({"format_version": "DELETE"}, "format_version", "found null"),
-    ({"hidden": 1}, "hidden", "extra key 'hidden'"),
-    ({"architecture": "gated"}, "architecture", "found 'gated'"),
-    ({"architecture": "jumprelu"}, "threshold", "found arrays ['W_dec', 'W_enc', 'b_dec', 'b_enc']"),  # jumprelu needs it
-    ({"architecture": "DELETE"}, "architecture", "missing"),
-])
+@pytest.mark.parametrize(
+    "changes,key,found",
+    [
+        ({"n_latents": N * 2}, "W_enc", f"found [{D}, {N}]"),
+        ({"dtype": "bfloat16"}, "W_enc", "found float32"),
+        ({"format_version": 2}, "format_version", "found 2"),
+        ({"format_version": "DELETE"}, "format_version", "found null"),
+        ({"hidden": 1}, "hidden", "extra key 'hidden'"),
+        ({"architecture": "gated"}, "architecture", "found 'gated'"),
+        (
+            {"architecture": "jumprelu"},
+            "threshold",
+            "found arrays ['W_dec', 'W_enc', 'b_dec', 'b_enc']",
+        ),  # jumprelu needs it
+        ({"architecture": "DELETE"}, "architecture", "missing"),
+    ],
+)
 def test_jax_spec_inconsistent(jax_dir, changes, key, found):
     edit_spec(jax_dir, **changes)
     refused(jax_dir, key, found)
@@ -257,7 +306,9 @@ def small(architecture="relu") -> SAE:
     return SAE(init_params(jax.random.key(0), spec), spec)
 
 
-@pytest.mark.parametrize("fmt,name", [("jax", "j"), ("pt", "a.pt"), ("safetensors", "a.safetensors"), ("saelens", "sl")])
+@pytest.mark.parametrize(
+    "fmt,name", [("jax", "j"), ("pt", "a.pt"), ("safetensors", "a.safetensors"), ("saelens", "sl")]
+)
 def test_existing_destination_is_refused(tmp_path, fmt, name):
     dst = save_sae(small(), tmp_path / name, fmt)
     before = sorted(os.listdir(tmp_path))
@@ -275,9 +326,17 @@ def test_write_refusals(tmp_path):
         (dict(sae=small("topk"), path=tmp_path / "a.pt", format="pt"), "architecture", "expected relu for format pt"),
         (dict(sae=small(), path=tmp_path / "a.bin", format="pt"), "suffix", "'.bin'"),
         (dict(sae=small(), path=tmp_path / "a.pt", format="onnx"), "format", "'onnx'"),
-        (dict(sae=small(), path=tmp_path / "a.pt", format="pt", metadata={"model_name": "m"}), "metadata", "only with formats jax, saelens, sparsify"),
+        (
+            dict(sae=small(), path=tmp_path / "a.pt", format="pt", metadata={"model_name": "m"}),
+            "metadata",
+            "only with formats jax, saelens, sparsify",
+        ),
         (dict(sae=mislabelled, path=tmp_path / "j"), "W_enc", "expected dtype bfloat16", "found float32"),
-        (dict(sae=small(), path=tmp_path / "sl", format="saelens", metadata={"context_size": np.int64(3)}), "metadata", "expected JSON values"),
+        (
+            dict(sae=small(), path=tmp_path / "sl", format="saelens", metadata={"context_size": np.int64(3)}),
+            "metadata",
+            "expected JSON values",
+        ),
         (dict(sae=with_inf, path=tmp_path / "j"), "W_enc", "found 1 NaN/inf (first at [0, 3])"),
     ]
     for kwargs, *fragments in cases:

@@ -26,7 +26,9 @@ from sae_jax.config import PATH_KEYS, Config, ConfigError, load_config, to_dict
 ROOT = Path(__file__).resolve().parents[1]
 # The same 60 cases every run; SAE_FUZZ_EXAMPLES=5000 hunts with fresh random ones.
 HUNT = int(os.environ.get("SAE_FUZZ_EXAMPLES", 0))
-FUZZ = settings(max_examples=HUNT or 60, deadline=None, derandomize=not HUNT, database=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=HUNT or 60, deadline=None, derandomize=not HUNT, database=None, suppress_health_check=list(HealthCheck)
+)
 
 
 def fields(cls=Config, prefix=""):
@@ -43,9 +45,15 @@ FIELDS = fields()
 SECTIONS = ["sae", "data", "train", "run", "data.synthetic", "data.disk", "data.model", "data.text"]
 
 junk = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
-    st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
-    st.dates(), st.binary(max_size=4),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=12),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    st.dates(),
+    st.binary(max_size=4),
 )
 
 
@@ -95,7 +103,12 @@ def overrides(draw):
     for _ in range(draw(st.integers(0, 3))):
         key = draw(st.one_of(st.sampled_from(sorted(FIELDS) + SECTIONS), st.text(max_size=10)))
         value = draw(st.one_of(plausible(FIELDS.get(key, str)), junk))
-        raw = draw(st.one_of(st.just(yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()), st.text(max_size=10)))
+        raw = draw(
+            st.one_of(
+                st.just(yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()),
+                st.text(max_size=10),
+            )
+        )
         out.append(draw(st.sampled_from([f"{key}={raw}", key, f"{key}=", f"{key} = {raw}"])))
     return out
 
@@ -131,7 +144,11 @@ def check_outcome(path: Path | None, sets: list[str], data) -> None:
                 joined = os.path.normpath(path.parent / value)
                 if key == "run.out_dir" or os.path.exists(joined) or value.startswith(("./", "../")):
                     want = joined
-            assert held == want or (isinstance(want, float) and math.isnan(want) and math.isnan(held)), (key, value, held)
+            assert held == want or (isinstance(want, float) and math.isnan(want) and math.isnan(held)), (
+                key,
+                value,
+                held,
+            )
 
 
 def _leaves(d, prefix=""):
@@ -188,9 +205,13 @@ def test_random_bytes_as_config_file(raw):
 
 def test_yaml_alias_bomb_is_one_short_line():
     """Nine levels of aliases: a few hundred bytes whose repr would be gigabytes."""
-    lines = ["x0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"] + [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    lines = ["x0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"] + [
+        f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)
+    ]
     path = _write("train:\n  steps:\n" + "".join(f"    {l}\n" for l in lines))
-    with pytest.raises(ConfigError, match=r"^train\.steps: expected an integer, found dict \{'x0': \[1, 2, 3, 4, 5, 6, \.\.\.\], ") as e:
+    with pytest.raises(
+        ConfigError, match=r"^train\.steps: expected an integer, found dict \{'x0': \[1, 2, 3, 4, 5, 6, \.\.\.\], "
+    ) as e:
         load_config(path)
     assert len(str(e.value)) < 1000
 
@@ -207,7 +228,14 @@ CLI_CASES = [
 @pytest.mark.parametrize("text, sets, expected", CLI_CASES)
 def test_hostile_configs_through_the_cli_are_one_line(tmp_path, text, sets, expected):
     (tmp_path / "c.yaml").write_bytes(text)
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "c.yaml"), "--set", f"run.out_dir={tmp_path / 'run'}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--set",
+        f"run.out_dir={tmp_path / 'run'}",
+    ]
     for s in sets:
         cmd += ["--set", s]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -37,12 +37,24 @@ HUNT = int(os.environ.get("SAE_FUZZ_EXAMPLES", 0))
 
 
 def fuzz(n: int):
-    return settings(max_examples=HUNT or n, deadline=None, derandomize=not HUNT, database=None, suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=HUNT or n,
+        deadline=None,
+        derandomize=not HUNT,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 RELEASE_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
 SAELENS_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64, "int32": np.int32}
+DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float64": np.float64,
+    "int32": np.int32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +94,9 @@ def load_outcome(path: Path):
         sae = load_sae(path)
     except SAEFormatError as e:
         msg = str(e)
-        assert "\n" not in msg and " ()" not in msg and msg.startswith(str(path)), msg  # one line; no empty "()" where a cause goes
+        assert "\n" not in msg and " ()" not in msg and msg.startswith(str(path)), (
+            msg
+        )  # one line; no empty "()" where a cause goes
         event("one-line error")
         return msg
     event("loaded")
@@ -96,9 +110,13 @@ def assert_valid(sae: SAE) -> None:
 
 
 def same_bits(a: SAE, b: SAE) -> bool:
-    return all(
-        np.asarray(getattr(a.params, k)).tobytes() == np.asarray(getattr(b.params, k)).tobytes() for k in SAELENS_KEYS
-    ) and a.spec.dtype == b.spec.dtype
+    return (
+        all(
+            np.asarray(getattr(a.params, k)).tobytes() == np.asarray(getattr(b.params, k)).tobytes()
+            for k in SAELENS_KEYS
+        )
+        and a.spec.dtype == b.spec.dtype
+    )
 
 
 # --- damaged files: an error, or exactly the undamaged SAE ---------------------------
@@ -129,14 +147,25 @@ def apply(how, f: Path) -> None:
 
 
 @fuzz(80)
-@given(fmt=st.sampled_from(["jax", "pt", "safetensors", "saelens", "sparsify"]), which=st.floats(0, 1, exclude_max=True),
-       how=damage)
+@given(
+    fmt=st.sampled_from(["jax", "pt", "safetensors", "saelens", "sparsify"]),
+    which=st.floats(0, 1, exclude_max=True),
+    how=damage,
+)
 @example(fmt="jax", which=0.0, how=("bytes", b"[" * 100_000))  # spec.json nested deeper than Python recurses
 @example(fmt="saelens", which=0.0, how=("bytes", b"[" * 100_000))  # cfg.json likewise
 @example(fmt="sparsify", which=0.0, how=("bytes", b"[" * 100_000))
-@example(fmt="jax", which=0.0, how=("bytes", b'{"format_version": 1, "architecture": "relu", "d_in": 4.0, "n_latents": 8}'))
-@example(fmt="jax", which=0.0, how=("bytes", b'{"format_version": 1, "architecture": "relu", "d_in": true, "n_latents": 8}'))
-@example(fmt="saelens", which=0.0, how=("bytes", b'{"d_in": 4, "d_sae": 8, "hook_name": "blocks.9.hook_resid_pre", "architecture": []}'))
+@example(
+    fmt="jax", which=0.0, how=("bytes", b'{"format_version": 1, "architecture": "relu", "d_in": 4.0, "n_latents": 8}')
+)
+@example(
+    fmt="jax", which=0.0, how=("bytes", b'{"format_version": 1, "architecture": "relu", "d_in": true, "n_latents": 8}')
+)
+@example(
+    fmt="saelens",
+    which=0.0,
+    how=("bytes", b'{"d_in": 4, "d_sae": 8, "hook_name": "blocks.9.hook_resid_pre", "architecture": []}'),
+)
 def test_damaged_file_is_one_line_or_the_same_sae(templates, fmt, which, how):
     d = fresh_dir()
     try:
@@ -198,24 +227,36 @@ def release_ok(t: dict) -> bool:
     if set(t) != set(RELEASE_KEYS) or t["decoder.bias"].ndim != 1 or t["encoder.bias"].ndim != 1:
         return False
     d, n = len(t["decoder.bias"]), len(t["encoder.bias"])
-    return valid_set(t, {"encoder.weight": (n, d), "encoder.bias": (n,), "decoder.weight": (d, n), "decoder.bias": (d,)}, d, n)
+    return valid_set(
+        t, {"encoder.weight": (n, d), "encoder.bias": (n,), "decoder.weight": (d, n), "decoder.bias": (d,)}, d, n
+    )
 
 
 def valid_set(t: dict, shapes: dict, d: int, n: int, float64: bool = False) -> bool:
     """float64: SAELens files may hold it (read as float32, one rounding that must stay finite)."""
     dtypes = {a.dtype.name for a in t.values()}
     return (
-        d > 0 and n > 0 and set(t) == set(shapes)
+        d > 0
+        and n > 0
+        and set(t) == set(shapes)
         and all(t[k].shape == s for k, s in shapes.items())
-        and len(dtypes) == 1 and dtypes <= {"float32", "float16", "bfloat16", *(["float64"] if float64 else [])}
+        and len(dtypes) == 1
+        and dtypes <= {"float32", "float16", "bfloat16", *(["float64"] if float64 else [])}
         and all(np.isfinite(a.astype(np.float32)).all() for a in t.values())
     )
 
 
 def write_tensors(t: dict, path: Path) -> None:
     if path.suffix == ".pt":
-        torch.save({k: torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == ml_dtypes.bfloat16 else torch.from_numpy(a)
-                    for k, a in t.items()}, path)
+        torch.save(
+            {
+                k: torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+                if a.dtype == ml_dtypes.bfloat16
+                else torch.from_numpy(a)
+                for k, a in t.items()
+            },
+            path,
+        )
     else:
         save_file(t, path)
 
@@ -234,8 +275,12 @@ def test_release_tensors_load_exactly_when_valid(t, suffix):
         assert isinstance(out, SAE) == release_ok(t), out if isinstance(out, str) else "loaded an invalid set"
         if isinstance(out, SAE):
             assert_valid(out)
-            for ours, theirs in [("W_enc", t["encoder.weight"].T), ("b_enc", t["encoder.bias"]),
-                                 ("W_dec", t["decoder.weight"].T), ("b_dec", t["decoder.bias"])]:
+            for ours, theirs in [
+                ("W_enc", t["encoder.weight"].T),
+                ("b_enc", t["encoder.bias"]),
+                ("W_dec", t["decoder.weight"].T),
+                ("b_dec", t["decoder.bias"]),
+            ]:
                 assert np.asarray(getattr(out.params, ours)).tobytes() == np.ascontiguousarray(theirs).tobytes()
     finally:
         shutil.rmtree(d)
@@ -254,8 +299,13 @@ def test_saelens_tensors_load_exactly_when_valid(t, dims):
     try:
         folder = d / "sl"
         folder.mkdir()
-        cfg = {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": False,
-               "metadata": {"hook_name": "blocks.9.hook_resid_pre"}}
+        cfg = {
+            "architecture": "standard",
+            "d_in": d_in,
+            "d_sae": d_sae,
+            "apply_b_dec_to_input": False,
+            "metadata": {"hook_name": "blocks.9.hook_resid_pre"},
+        }
         (folder / "cfg.json").write_text(json.dumps(cfg))
         write_tensors(t, folder / "sae_weights.safetensors")
         out = load_outcome(folder)
@@ -305,8 +355,16 @@ def test_jax_folder_with_a_rewritten_spec(templates, changes):
         out = load_outcome(path)
         if isinstance(out, SAE):
             assert_valid(out)
-            assert type(out.spec.d_in) is int and type(out.spec.n_latents) is int and (out.spec.d_in, out.spec.n_latents) == (D, N)
-            assert isinstance(out.spec.input_scale, float) and type(out.spec.hook_layer) is int and out.spec.hook_layer >= 0
+            assert (
+                type(out.spec.d_in) is int
+                and type(out.spec.n_latents) is int
+                and (out.spec.d_in, out.spec.n_latents) == (D, N)
+            )
+            assert (
+                isinstance(out.spec.input_scale, float)
+                and type(out.spec.hook_layer) is int
+                and out.spec.hook_layer >= 0
+            )
             assert same_bits(out, load_sae(templates["jax"]))
     finally:
         shutil.rmtree(d)
@@ -340,7 +398,9 @@ def converters():
     script=st.sampled_from(["torch_to_jax", "jax_to_torch"]),
     dst_name=st.sampled_from(["out", "out.pt", "out.safetensors"]),
 )
-def test_converters_end_in_one_line_or_a_faithful_copy(templates, converters, capsys, fmt, which, how, script, dst_name):
+def test_converters_end_in_one_line_or_a_faithful_copy(
+    templates, converters, capsys, fmt, which, how, script, dst_name
+):
     d = fresh_dir()
     try:
         src = copy_of(templates[fmt], d)
@@ -353,7 +413,12 @@ def test_converters_end_in_one_line_or_a_faithful_copy(templates, converters, ca
         stdout, stderr = capsys.readouterr()
         event(f"exit {rc}")
         if rc == 1:
-            assert stdout == "" and len(stderr.splitlines()) == 1 and stderr.startswith(f"{script}: error: ") and " ()" not in stderr, stderr
+            assert (
+                stdout == ""
+                and len(stderr.splitlines()) == 1
+                and stderr.startswith(f"{script}: error: ")
+                and " ()" not in stderr
+            ), stderr
             assert list(out_dir.iterdir()) == [], "a failed convert left something behind"
         else:
             assert rc == 0 and stderr == "" and stdout.startswith(f"wrote {dst} ")
@@ -367,14 +432,27 @@ def test_converters_end_in_one_line_or_a_faithful_copy(templates, converters, ca
 
 CLI_CASES = [
     ("torch_to_jax", "saelens", "cfg.json", b"[" * 100_000, "cfg.json: unreadable JSON (RecursionError"),
-    ("jax_to_torch", "jax", "spec.json", b'{"format_version": 1, "architecture": "relu", "d_in": 4, "n_latents": 8, "input_scale": 1e999}',
-     "spec.json: input_scale: expected a finite number, found Infinity"),
-    ("torch_to_jax", "pt", None, bytes(range(256)) * 4, "release.pt: not a plain tensor dict: torch.load(weights_only=True) refused it (Unsupported operand 0)"),
+    (
+        "jax_to_torch",
+        "jax",
+        "spec.json",
+        b'{"format_version": 1, "architecture": "relu", "d_in": 4, "n_latents": 8, "input_scale": 1e999}',
+        "spec.json: input_scale: expected a finite number, found Infinity",
+    ),
+    (
+        "torch_to_jax",
+        "pt",
+        None,
+        bytes(range(256)) * 4,
+        "release.pt: not a plain tensor dict: torch.load(weights_only=True) refused it (Unsupported operand 0)",
+    ),
 ]
 
 
 @pytest.mark.parametrize("script, fmt, member, content, expected", CLI_CASES)
-def test_hostile_inputs_through_the_converter_cli_are_one_line(templates, tmp_path, script, fmt, member, content, expected):
+def test_hostile_inputs_through_the_converter_cli_are_one_line(
+    templates, tmp_path, script, fmt, member, content, expected
+):
     import subprocess
 
     src = copy_of(templates[fmt], tmp_path)
@@ -382,8 +460,15 @@ def test_hostile_inputs_through_the_converter_cli_are_one_line(templates, tmp_pa
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     dst = out_dir / ("x.pt" if script == "jax_to_torch" else "x")
-    r = subprocess.run([sys.executable, str(ROOT / "convert" / f"{script}.py"), str(src), str(dst)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "convert" / f"{script}.py"), str(src), str(dst)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and r.stdout == ""
-    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(f"{script}: error: ") and expected in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(f"{script}: error: ") and expected in r.stderr, (
+        r.stderr
+    )
     assert list(out_dir.iterdir()) == []

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from llama_helpers import tiny
+
 from sae_jax.llama import load, logits
 from sae_jax.llama.generate import _step, cache_size, generate
 
@@ -47,9 +47,14 @@ def hf_tokens(folder, prompts):
     ids, mask = prompts
     m = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
-        out = m.generate(torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask), max_new_tokens=NEW,
-                         do_sample=False, pad_token_id=0)
-    return out[:, ids.shape[1]:].numpy()
+        out = m.generate(
+            torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask),
+            max_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :].numpy()
 
 
 def test_cached_greedy_equals_transformers_generate(model, prompts, hf_tokens):

@@ -63,7 +63,11 @@ def test_greedy_matching_without_scipy(monkeypatch):
     import builtins
 
     real = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda n, *a, **k: (_ for _ in ()).throw(ImportError()) if n.startswith("scipy") else real(n, *a, **k))
+    monkeypatch.setattr(
+        builtins,
+        "__import__",
+        lambda n, *a, **k: (_ for _ in ()).throw(ImportError()) if n.startswith("scipy") else real(n, *a, **k),
+    )
     perm = np.random.default_rng(2).permutation(D)
     rows, cols, method = groundtruth.match(np.eye(D), np.eye(D)[perm])
     assert method == "greedy" and (perm[cols] == rows).all()
@@ -77,8 +81,15 @@ def test_plain_generator_is_unchanged():
 
 def test_realistic_generator_frequencies_hierarchy_and_correlation():
     cfg = SyntheticConfig(
-        n_features=512, active=8, zipf_exponent=0.8, correlation=0.5, correlation_group=4, hierarchy_parents=8,
-        hierarchy_children=3, hierarchy_child_prob=0.5, magnitude_spread=0.5,
+        n_features=512,
+        active=8,
+        zipf_exponent=0.8,
+        correlation=0.5,
+        correlation_group=4,
+        hierarchy_parents=8,
+        hierarchy_children=3,
+        hierarchy_child_prob=0.5,
+        magnitude_spread=0.5,
     )
     p = firing_probs(cfg)
     assert p.sum() == pytest.approx(8.0) and p[0] > p[100] > p[-1] > 0

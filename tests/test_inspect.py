@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-
 from llama_helpers import tiny
 from sae_helpers import exact_sae
+
 from sae_jax.chat import format_chat
 from sae_jax.data.text import TokenBatch
 from sae_jax.inspect_features import (
@@ -20,8 +20,7 @@ from sae_jax.inspect_features import (
     format_contexts,
     top_contexts,
 )
-from sae_jax.llama import load
-from sae_jax.llama import residuals
+from sae_jax.llama import load, residuals
 from sae_jax.sae import SAE, SAESpec, encode, init_params
 from sae_jax.tokenizer import llama3_tokenizer
 
@@ -109,7 +108,9 @@ def test_codes_of_chosen_features_equal_the_full_codes_indexed(model, architectu
     sae = random_sae(architecture, k)
     b = batches(n=1)[0]
     full = codes(model, sae, b.input_ids, b.attention_mask)
-    np.testing.assert_allclose(codes(model, sae, b.input_ids, b.attention_mask, [5, 200, 5]), full[..., [5, 200, 5]], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        codes(model, sae, b.input_ids, b.attention_mask, [5, 200, 5]), full[..., [5, 200, 5]], rtol=1e-5, atol=1e-4
+    )
     x = residuals(model, b.input_ids, [L], b.attention_mask)[L]
     np.testing.assert_allclose(full, np.asarray(encode(sae, x)), rtol=1e-5, atol=1e-4)
 
@@ -131,7 +132,9 @@ def test_top_contexts_equal_brute_force(model):
         order = np.argsort(-a, axis=None, kind="stable")[: min(top, fires[i])]
         got = found[i]
         assert [(c.sequence, c.position) for c in got] == [divmod(int(p), 20) for p in order]
-        np.testing.assert_allclose([c.activation for c in got], a.ravel()[order], rtol=1e-5, atol=1e-5)  # narrow vs full encoder matmul
+        np.testing.assert_allclose(
+            [c.activation for c in got], a.ravel()[order], rtol=1e-5, atol=1e-5
+        )  # narrow vs full encoder matmul
         for c in got:
             s, t = c.sequence, c.position
             lo = max(0, t - 3)
@@ -164,7 +167,9 @@ def test_feature_ids_are_checked():
     sae = random_sae()
     assert check_feature(sae, np.int64(255)) == 255
     for bad in (256, -1, 1.5, True):
-        with pytest.raises(ValueError, match=r"^feature: expected an id in 0\.\.255 \(the SAE has 256 latents\), found "):
+        with pytest.raises(
+            ValueError, match=r"^feature: expected an id in 0\.\.255 \(the SAE has 256 latents\), found "
+        ):
             check_feature(sae, bad)
     with pytest.raises(ValueError, match="found 300"):
         top_contexts(None, sae, [], [1, 300], 10)

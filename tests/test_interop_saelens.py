@@ -21,19 +21,24 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sae_lens
 import torch
+from sae_lens import SAE as LensSAE
+from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import save_file
 
-import sae_lens
 from sae_jax.formats import SAEFormatError, load_sae, save_sae
 from sae_jax.formats.common import metadata_of
 from sae_jax.sae import SAE, SAEParams, SAESpec, decode, encode
-from sae_lens import SAE as LensSAE
-from sae_lens.saes.sae import SAEMetadata
 
 D, N, K = 16, 64, 6
-META = {"model_name": "meta-llama/Llama-3.2-1B-Instruct", "hook_name": "blocks.9.hook_resid_pre", "context_size": 1024,
-        "dataset_path": "lmsys/lmsys-chat-1m", "prepend_bos": False}
+META = {
+    "model_name": "meta-llama/Llama-3.2-1B-Instruct",
+    "hook_name": "blocks.9.hook_resid_pre",
+    "context_size": 1024,
+    "dataset_path": "lmsys/lmsys-chat-1m",
+    "prepend_bos": False,
+}
 
 
 def massive_b_dec(g: torch.Generator) -> torch.Tensor:
@@ -158,17 +163,35 @@ def test_batchtopk_saved_for_inference_as_jumprelu(tmp_path):
 def our_sae(architecture: str, *, scale: float = 1.0, apply_b_dec: bool = True, seed: int = 0) -> SAE:
     g = torch.Generator().manual_seed(seed)
     w = lambda *s: (torch.randn(*s, generator=g) * 0.3).numpy()
-    spec = SAESpec(architecture, D, N, k=K if architecture == "topk" else None, input_scale=scale,
-                   apply_b_dec_to_input=apply_b_dec, metadata=json.dumps(META))
-    params = SAEParams(jnp.asarray(w(D, N)), jnp.asarray(w(N) * 3), jnp.asarray(w(N, D)),
-                       jnp.asarray(massive_b_dec(g).numpy() * scale),
-                       jnp.asarray(np.abs(w(N))) if architecture == "jumprelu" else None)
+    spec = SAESpec(
+        architecture,
+        D,
+        N,
+        k=K if architecture == "topk" else None,
+        input_scale=scale,
+        apply_b_dec_to_input=apply_b_dec,
+        metadata=json.dumps(META),
+    )
+    params = SAEParams(
+        jnp.asarray(w(D, N)),
+        jnp.asarray(w(N) * 3),
+        jnp.asarray(w(N, D)),
+        jnp.asarray(massive_b_dec(g).numpy() * scale),
+        jnp.asarray(np.abs(w(N))) if architecture == "jumprelu" else None,
+    )
     return SAE(params, spec)
 
 
-@pytest.mark.parametrize("architecture,scale,apply_b_dec", [
-    ("relu", 1.0, False), ("relu", 2.5, True), ("topk", 1.0, True), ("topk", 2.5, False), ("jumprelu", 2.5, True),
-])
+@pytest.mark.parametrize(
+    "architecture,scale,apply_b_dec",
+    [
+        ("relu", 1.0, False),
+        ("relu", 2.5, True),
+        ("topk", 1.0, True),
+        ("topk", 2.5, False),
+        ("jumprelu", 2.5, True),
+    ],
+)
 def test_our_saes_compute_in_saelens_what_they_compute_here(tmp_path, architecture, scale, apply_b_dec):
     ours = our_sae(architecture, scale=scale, apply_b_dec=apply_b_dec)
     save_sae(ours, tmp_path / "sl", "saelens")
@@ -196,14 +219,30 @@ def test_pre_6_0_spellings_read_as_saelens_reads_them(tmp_path):
     """hook_point, activation_fn_str + activation_fn_kwargs, normalize_activations false, an all-ones
     scaling_factor, no sae_lens_version: SAELens reads it, and so do we, to the same function."""
     g = torch.Generator().manual_seed(7)
-    t = {"W_enc": torch.randn(D, N, generator=g) * 0.3, "b_enc": torch.randn(N, generator=g),
-         "W_dec": torch.randn(N, D, generator=g) * 0.3, "b_dec": massive_b_dec(g), "scaling_factor": torch.ones(N)}
+    t = {
+        "W_enc": torch.randn(D, N, generator=g) * 0.3,
+        "b_enc": torch.randn(N, generator=g),
+        "W_dec": torch.randn(N, D, generator=g) * 0.3,
+        "b_dec": massive_b_dec(g),
+        "scaling_factor": torch.ones(N),
+    }
     (tmp_path / "old").mkdir()
     save_file(t, tmp_path / "old" / "sae_weights.safetensors")
-    cfg = {"d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu", "hook_point": "blocks.4.hook_resid_post",
-           "hook_point_layer": 4, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K},
-           "normalize_activations": False, "apply_b_dec_to_input": True, "model_name": "gpt2", "context_size": 128,
-           "finetuning_scaling_factor": False}
+    cfg = {
+        "d_in": D,
+        "d_sae": N,
+        "dtype": "float32",
+        "device": "cpu",
+        "hook_point": "blocks.4.hook_resid_post",
+        "hook_point_layer": 4,
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": K},
+        "normalize_activations": False,
+        "apply_b_dec_to_input": True,
+        "model_name": "gpt2",
+        "context_size": 128,
+        "finetuning_scaling_factor": False,
+    }
     (tmp_path / "old" / "cfg.json").write_text(json.dumps(cfg))
     ours, theirs = load_sae(tmp_path / "old"), LensSAE.load_from_disk(tmp_path / "old")
     assert (ours.spec.architecture, ours.spec.k, ours.spec.hook_layer, ours.spec.hook_site) == ("topk", K, 4, "output")
@@ -224,8 +263,10 @@ def test_normalization_saelens_applies_per_token_is_refused_naming_the_mode(tmp_
 
 def test_bfloat16_export_with_a_scale_is_refused_not_rounded(tmp_path):
     ours = our_sae("topk", scale=2.5)
-    bf16 = SAE(SAEParams(*(jnp.asarray(a, jnp.bfloat16) for a in dataclasses.astuple(ours.params)[:4])),
-               dataclasses.replace(ours.spec, dtype="bfloat16"))
+    bf16 = SAE(
+        SAEParams(*(jnp.asarray(a, jnp.bfloat16) for a in dataclasses.astuple(ours.params)[:4])),
+        dataclasses.replace(ours.spec, dtype="bfloat16"),
+    )
     with pytest.raises(SAEFormatError) as e:
         save_sae(bf16, tmp_path / "sl", "saelens")
     assert str(e.value).startswith(f"{tmp_path / 'sl'}: input_scale: expected a fold bfloat16 holds exactly")

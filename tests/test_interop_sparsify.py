@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from sparsify import SparseCoder, SparseCoderConfig
 
 from sae_jax.formats import SAEFormatError, detect_format, load_sae, save_sae
 from sae_jax.formats.common import metadata_of
 from sae_jax.sae import SAE, SAEParams, SAESpec, decode, encode
-from sparsify import SparseCoder, SparseCoderConfig
 
 D, N, K = 16, 64, 6
 
@@ -132,14 +132,20 @@ def test_run_folder_metadata_and_detection(tmp_path):
     assert meta == {"model_name": "m", "dataset_path": "d", "context_size": 2048}
     with pytest.raises(SAEFormatError) as e:
         load_sae(tmp_path / "run")
-    assert str(e.value) == (f"{tmp_path / 'run'}: contents: expected one SAE; this is a sparsify run folder: "
-                            "pass one of its hookpoint folders, found layers.8, layers.9")
+    assert str(e.value) == (
+        f"{tmp_path / 'run'}: contents: expected one SAE; this is a sparsify run folder: "
+        "pass one of its hookpoint folders, found layers.8, layers.9"
+    )
 
 
-@pytest.mark.parametrize("cfg,key", [
-    (dict(transcode=True), "transcode"), (dict(skip_connection=True), "skip_connection"),
-    (dict(activation="groupmax"), "activation"),
-])
+@pytest.mark.parametrize(
+    "cfg,key",
+    [
+        (dict(transcode=True), "transcode"),
+        (dict(skip_connection=True), "skip_connection"),
+        (dict(activation="groupmax"), "activation"),
+    ],
+)
 def test_what_sae_jax_cannot_hold_is_refused_naming_sparsify(tmp_path, cfg, key):
     coder(**cfg).save_to_disk(tmp_path / "layers.8")
     with pytest.raises(SAEFormatError) as e:
@@ -151,7 +157,9 @@ def test_what_sae_jax_cannot_hold_is_refused_naming_sparsify(tmp_path, cfg, key)
 
 def test_other_hookpoints_need_a_site_and_relu_is_not_written(tmp_path):
     coder().save_to_disk(tmp_path / "layers.8.mlp")
-    with pytest.raises(SAEFormatError, match=r"hookpoint: expected a residual hookpoint folder.*found \"layers.8.mlp\""):
+    with pytest.raises(
+        SAEFormatError, match=r"hookpoint: expected a residual hookpoint folder.*found \"layers.8.mlp\""
+    ):
         load_sae(tmp_path / "layers.8.mlp")
     assert load_sae(tmp_path / "layers.8.mlp", hook_layer=8, hook_site="output").spec.hook_layer == 8
     relu = SAE(SAEParams(jnp.zeros((D, N)), jnp.zeros(N), jnp.zeros((N, D)), jnp.zeros(D)), SAESpec("relu", D, N))

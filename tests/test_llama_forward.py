@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from llama_helpers import token_batch
 from flax import nnx
+from llama_helpers import token_batch
 from safetensors import safe_open
 
 from sae_jax.llama import Edit, load, logits, run_layers, write_tiny_checkpoint

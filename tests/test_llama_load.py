@@ -99,7 +99,9 @@ def test_sharded_checkpoint_loads_the_same_model(tmp_path, folder):
     weight_map = {k: name for name, ks in halves.items() for k in ks}
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     ids = token_batch(1, 2, 17, 64)
-    np.testing.assert_array_equal(np.asarray(residual(load(sharded), ids, 1)), np.asarray(residual(load(folder), ids, 1)))
+    np.testing.assert_array_equal(
+        np.asarray(residual(load(sharded), ids, 1)), np.asarray(residual(load(folder), ids, 1))
+    )
 
 
 def test_wrong_path_is_one_line(tmp_path):
@@ -132,7 +134,13 @@ def test_lm_head_in_a_tied_checkpoint_is_unexpected(folder):
 def test_shape_contradicting_config_names_key_expected_and_found(folder):
     # 4 kv heads' worth of k_proj where config.json says num_key_value_heads=2.
     rewrite(folder, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}))
-    one_line_error(folder, "model.safetensors", "'model.layers.0.self_attn.k_proj.weight'", "expected shape [32, 64]", "found [64, 64]")
+    one_line_error(
+        folder,
+        "model.safetensors",
+        "'model.layers.0.self_attn.k_proj.weight'",
+        "expected shape [32, 64]",
+        "found [64, 64]",
+    )
 
 
 def test_several_problems_report_the_first_and_a_count(folder):
@@ -152,8 +160,14 @@ def test_shard_listed_but_absent_is_one_line(tmp_path, folder):
     [
         (lambda d: d.pop("hidden_size"), "hidden_size: expected int, found the key missing"),
         (lambda d: d.update(num_hidden_layers="12"), "num_hidden_layers: expected an integer, found str '12'"),
-        (lambda d: d["rope_parameters"].update(rope_type="yarn"), "rope_parameters.rope_type: expected 'llama3' or 'default', found 'yarn'"),
-        (lambda d: d["rope_parameters"].pop("factor"), "rope_parameters: factor: expected float, found the key missing"),
+        (
+            lambda d: d["rope_parameters"].update(rope_type="yarn"),
+            "rope_parameters.rope_type: expected 'llama3' or 'default', found 'yarn'",
+        ),
+        (
+            lambda d: d["rope_parameters"].pop("factor"),
+            "rope_parameters: factor: expected float, found the key missing",
+        ),
         (lambda d: d.update(num_key_value_heads=3), "num_heads: expected a multiple of num_kv_heads=3, found 4"),
         (lambda d: d.update(attention_bias=True), "attention_bias: expected false, found True"),
     ],

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax.llama import LlamaConfig, RopeScaling
-from sae_jax.llama import rope
+from sae_jax.llama import LlamaConfig, RopeScaling, rope
 
 LLAMA_3_2_1B = LlamaConfig(
     hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, intermediate_size=8192,

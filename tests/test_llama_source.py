@@ -14,20 +14,43 @@ from sae_jax.run import train
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("assets")
-    write_tiny_checkpoint(d / "model", num_hidden_layers=12, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                          num_key_value_heads=2, init_std=0.1)
+    write_tiny_checkpoint(
+        d / "model",
+        num_hidden_layers=12,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        init_std=0.1,
+    )
     write_demo_chats(d / "chats.jsonl", 200, seed=0)
     return d
 
 
 def cfg_for(assets, out, *extra):
-    return load_config(None, [
-        "data.source=llama", f"data.model.path={assets / 'model'}", "data.model.dtype=float32",
-        f"data.text.path={assets / 'chats.jsonl'}", "data.text.context_size=64", "data.text.seqs_per_batch=4",
-        "data.text.pack=true", "data.text.buffer_tokens=1024", "data.batch_size=128",
-        "sae.d_in=32", "sae.expansion=4", "train.steps=12", "train.lr_warmup_steps=2", "train.scale_batches=2",
-        "run.save_every=4", "run.log_every=4", f"run.out_dir={out}", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            "data.source=llama",
+            f"data.model.path={assets / 'model'}",
+            "data.model.dtype=float32",
+            f"data.text.path={assets / 'chats.jsonl'}",
+            "data.text.context_size=64",
+            "data.text.seqs_per_batch=4",
+            "data.text.pack=true",
+            "data.text.buffer_tokens=1024",
+            "data.batch_size=128",
+            "sae.d_in=32",
+            "sae.expansion=4",
+            "train.steps=12",
+            "train.lr_warmup_steps=2",
+            "train.scale_batches=2",
+            "run.save_every=4",
+            "run.log_every=4",
+            f"run.out_dir={out}",
+            *extra,
+        ],
+    )
 
 
 def test_llama_source_yields_the_layer_9_input(assets, tmp_path):
@@ -44,7 +67,10 @@ def test_llama_source_yields_the_layer_9_input(assets, tmp_path):
         tb = text.next_batch()
         for (layer, where), out in reads.items():
             out.append(np.asarray(llama.residual(model, tb.input_ids, layer, where, tb.attention_mask))[tb.keep])
-    nearest = {k: np.min(np.linalg.norm(batch[:, None] - np.concatenate(v)[None], axis=-1), axis=1).max() for k, v in reads.items()}
+    nearest = {
+        k: np.min(np.linalg.norm(batch[:, None] - np.concatenate(v)[None], axis=-1), axis=1).max()
+        for k, v in reads.items()
+    }
     assert nearest[(9, "input")] < 1e-4
     assert nearest[(8, "input")] > 1e-2 and nearest[(9, "output")] > 1e-2
 
@@ -72,7 +98,9 @@ def test_llama_source_mismatch_is_one_line(assets, tmp_path, extra, message):
 
 def test_missing_model_folder_is_refused_at_load(tmp_path):
     with pytest.raises(ConfigError, match=r"data.model.path: expected a local Hugging Face folder with config.json"):
-        load_config(None, ["data.source=llama", f"data.model.path={tmp_path}", f"data.text.path={tmp_path / 'x.jsonl'}"])
+        load_config(
+            None, ["data.source=llama", f"data.model.path={tmp_path}", f"data.text.path={tmp_path / 'x.jsonl'}"]
+        )
 
 
 def test_release_config_is_the_release_shape(assets):

@@ -14,7 +14,9 @@ from sae_jax.llama import write_tiny_checkpoint
 
 
 def digest(folder) -> str:
-    return hashlib.sha256((folder / "model.safetensors").read_bytes() + (folder / "config.json").read_bytes()).hexdigest()
+    return hashlib.sha256(
+        (folder / "model.safetensors").read_bytes() + (folder / "config.json").read_bytes()
+    ).hexdigest()
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -32,8 +34,18 @@ def test_default_has_the_real_model_features(tmp_path):
         "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
         "original_max_position_embeddings": 8192, "rope_type": "llama3", "rope_theta": 500000.0,
     }  # fmt: skip
-    assert (cfg["vocab_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["num_attention_heads"]) == (128256, 12, 2, 4)
-    assert (cfg["tie_word_embeddings"], cfg["rms_norm_eps"], cfg["bos_token_id"], cfg["dtype"]) == (True, 1e-5, 128000, "bfloat16")
+    assert (cfg["vocab_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["num_attention_heads"]) == (
+        128256,
+        12,
+        2,
+        4,
+    )
+    assert (cfg["tie_word_embeddings"], cfg["rms_norm_eps"], cfg["bos_token_id"], cfg["dtype"]) == (
+        True,
+        1e-5,
+        128000,
+        "bfloat16",
+    )
     with safe_open(folder / "model.safetensors", framework="numpy") as f:
         keys = set(f.keys())
         assert "lm_head.weight" not in keys and len(keys) == 2 + 9 * 12
@@ -45,8 +57,14 @@ def test_default_has_the_real_model_features(tmp_path):
 
 
 def test_old_format_writes_top_level_rope_keys(tmp_path):
-    cfg = json.loads((write_tiny_checkpoint(tmp_path / "o", num_hidden_layers=1, vocab_size=64, old_format=True) / "config.json").read_text())
-    assert "rope_parameters" not in cfg and cfg["rope_theta"] == 500000.0 and cfg["rope_scaling"]["rope_type"] == "llama3"
+    cfg = json.loads(
+        (
+            write_tiny_checkpoint(tmp_path / "o", num_hidden_layers=1, vocab_size=64, old_format=True) / "config.json"
+        ).read_text()
+    )
+    assert (
+        "rope_parameters" not in cfg and cfg["rope_theta"] == 500000.0 and cfg["rope_scaling"]["rope_type"] == "llama3"
+    )
     assert cfg["torch_dtype"] == "bfloat16"
 
 

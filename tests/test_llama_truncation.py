@@ -23,7 +23,9 @@ def dot_count(fn, *args) -> int:
     return sum(e.primitive.name == "dot_general" for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns)
 
 
-@pytest.mark.parametrize("layer, site, layers_run", [(9, "input", 9), (9, "output", 10), (0, "input", 0), (11, "output", 12)])
+@pytest.mark.parametrize(
+    "layer, site, layers_run", [(9, "input", 9), (9, "output", 10), (0, "input", 0), (11, "output", 12)]
+)
 def test_traced_program_holds_only_the_needed_layers(model, layer, site, layers_run):
     ids = jnp.asarray(token_batch(0, 2, 17, 64))
     assert dot_count(lambda m, i: residual(m, i, layer, site), model, ids) == DOTS_PER_LAYER * layers_run

@@ -33,7 +33,9 @@ print(json.dumps({"kept": kept, "faults": faults}))
 
 def probe(system: bool) -> dict:
     env = {**os.environ, "SAE_JAX_SYSTEM_MALLOC": "1" if system else "0", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

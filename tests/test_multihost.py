@@ -43,8 +43,17 @@ TOL = 1e-5
 DEADLINE_S = 120  # one run takes ~8 s on 2 cores
 GRACE_S = 10
 SETS = [
-    "sae.d_in=16", "sae.expansion=4", "data.batch_size=32", "train.steps=12", "train.lr=1e-3", "train.lr_warmup_steps=0",
-    "run.save_every=3", "run.keep=3", "run.log_every=3", "run.eval_every=6", "run.eval_batches=2",
+    "sae.d_in=16",
+    "sae.expansion=4",
+    "data.batch_size=32",
+    "train.steps=12",
+    "train.lr=1e-3",
+    "train.lr_warmup_steps=0",
+    "run.save_every=3",
+    "run.keep=3",
+    "run.log_every=3",
+    "run.eval_every=6",
+    "run.eval_batches=2",
 ]
 MESH_2x2 = ["mesh.data=2", "mesh.model=2", "mesh.distributed=true"]
 MESH_1x4 = ["mesh.data=1", "mesh.model=4", "mesh.distributed=true"]
@@ -63,14 +72,22 @@ def launch(argv: list[str], logs: Path, codes: tuple[int, int] = (0, 0)) -> list
     A process that fails leaves the other waiting in a collective: it gets GRACE_S, then both are killed.
     """
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if "_proxy" not in k.lower()}  # gRPC to localhost must not go through one
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+    env = {
+        k: v for k, v in os.environ.items() if "_proxy" not in k.lower()
+    }  # gRPC to localhost must not go through one
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES="2",
+    )
     logs.mkdir(parents=True)
     procs = []
     for i in range(2):
         with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
-            procs.append(subprocess.Popen(argv, cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=out, stderr=err))
+            procs.append(
+                subprocess.Popen(argv, cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=out, stderr=err)
+            )
     start, failed_at = time.monotonic(), None
     while any(p.poll() is None for p in procs):
         now = time.monotonic()
@@ -107,8 +124,10 @@ def results(outputs: list[tuple[str, str]]) -> list[dict]:
 
 
 def rel_diff(a, b) -> float:
-    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / np.abs(np.asarray(y)).max())
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max() / np.abs(np.asarray(y)).max())
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -128,9 +147,11 @@ def runs(tmp_path_factory):
     out["cli_stdout"] = [o for o, _ in launch(train_py(tmp / "cli"), tmp / "logs" / "cli")]
     out["timings"]["cli"] = time.perf_counter() - t
     out["cli_listing"] = sorted(os.listdir(tmp / "cli"))
-    for name, argv in [("stopped", worker(tmp / "part", MESH_2x2, stop_after=10)),
-                       ("resumed", worker(tmp / "part", MESH_2x2)),
-                       ("damaged", worker(tmp / "part", MESH_1x4, fail_on_process_1=9))]:
+    for name, argv in [
+        ("stopped", worker(tmp / "part", MESH_2x2, stop_after=10)),
+        ("resumed", worker(tmp / "part", MESH_2x2)),
+        ("damaged", worker(tmp / "part", MESH_1x4, fail_on_process_1=9)),
+    ]:
         if name == "damaged":
             out["resumed_sae"] = load_sae(tmp / "part" / "sae").params
             (tmp / "part" / "checkpoints" / "12" / "meta" / "metadata").write_text("{not json")
@@ -138,10 +159,15 @@ def runs(tmp_path_factory):
         out[name] = results(launch(argv, tmp / "logs" / name))
         out["timings"][name] = time.perf_counter() - t
     sae = {k: load_sae(tmp / d / "sae").params for k, d in [("one", "one"), ("cli", "cli"), ("damaged", "part")]}
-    out["rel_diff"] = {"cli": rel_diff(sae["cli"], sae["one"]), "resumed": rel_diff(out["resumed_sae"], sae["one"]),
-                       "damaged": rel_diff(sae["damaged"], sae["one"])}
+    out["rel_diff"] = {
+        "cli": rel_diff(sae["cli"], sae["one"]),
+        "resumed": rel_diff(out["resumed_sae"], sae["one"]),
+        "damaged": rel_diff(sae["damaged"], sae["one"]),
+    }
     print("2-process run times (s):", {k: round(v, 1) for k, v in out["timings"].items()})
-    print("exported params vs one device, max |diff| / max |param|:", {k: f"{v:.2g}" for k, v in out["rel_diff"].items()})
+    print(
+        "exported params vs one device, max |diff| / max |param|:", {k: f"{v:.2g}" for k, v in out["rel_diff"].items()}
+    )
     return out
 
 
@@ -154,8 +180,10 @@ def test_train_py_on_two_processes_matches_one_device(runs):
     assert "trained" not in p1 and "held-out" not in p1  # process 0 reports for both
     assert max(abs(cli[s] - one[s]) / abs(one[s]) for s in one) <= TOL
     # The final eval: the gathered, exported SAE on the same held-out batches (absolute below 1: a fraction may be 0).
-    flat = lambda e: {**{k: v for k, v in e.items() if k != "ground_truth"},  # synthetic runs' scores too
-                      **{f"ground_truth.{k}": v for k, v in e["ground_truth"].items() if isinstance(v, (int, float))}}
+    flat = lambda e: {
+        **{k: v for k, v in e.items() if k != "ground_truth"},  # synthetic runs' scores too
+        **{f"ground_truth.{k}": v for k, v in e["ground_truth"].items() if isinstance(v, (int, float))},
+    }
     e_one, e_cli = (flat(json.loads((runs[k] / "eval.json").read_text())) for k in ("one", "cli"))
     assert e_cli["tokens"] == e_one["tokens"] == 64
     assert all(abs(e_cli[k] - e_one[k]) <= TOL * max(abs(e_one[k]), 1) for k in e_one)
@@ -190,10 +218,13 @@ def test_checkpoint_unreadable_on_any_process_is_set_aside_once(runs):
 
 
 def test_mesh_short_of_the_processes_devices_fails_on_both_in_one_line(tmp_path):
-    outputs = launch(train_py(tmp_path / "run", ["mesh.data=2", "mesh.model=1", "mesh.distributed=true"]), tmp_path / "logs", (1, 1))
+    outputs = launch(
+        train_py(tmp_path / "run", ["mesh.data=2", "mesh.model=1", "mesh.distributed=true"]), tmp_path / "logs", (1, 1)
+    )
     for _, err in outputs:
         assert [l for l in err.splitlines() if l.startswith("error:")] == [
-            "error: mesh: expected data * model = 4, the devices of all 2 processes, found 2 * 1 = 2"]
+            "error: mesh: expected data * model = 4, the devices of all 2 processes, found 2 * 1 = 2"
+        ]
         assert "Traceback" not in err
 
 
@@ -237,9 +268,13 @@ def _worker(out_dir: str, mesh: str, stop_after: int, fail_on_process_1: int) ->
     ocp.JsonCheckpointHandler.restore = failing_restore
     cfg = load_config(None, SETS + mesh.split(",") + [f"run.out_dir={out_dir}"])
     r = train(cfg, stop_after=stop_after or None, progress=False)
-    return {"start": r.start, "step": int(jax.device_get(r.state.step)),
-            "exported": r.sae is not None, "wrote": [n for n in renamed if "/" not in n and not n.startswith(".")],
-            "set_aside": [n for n in renamed if n.endswith(".unreadable")]}
+    return {
+        "start": r.start,
+        "step": int(jax.device_get(r.state.step)),
+        "exported": r.sae is not None,
+        "wrote": [n for n in renamed if "/" not in n and not n.startswith(".")],
+        "set_aside": [n for n in renamed if n.endswith(".unreadable")],
+    }
 
 
 if __name__ == "__main__":

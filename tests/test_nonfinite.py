@@ -11,12 +11,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from sae_helpers import without_progress
 
 from sae_jax.checkpoint import Checkpoints
 from sae_jax.config import load_config
 from sae_jax.run import NonFiniteError, train
 from sae_jax.trainer import init_state
-from sae_helpers import without_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 B, D, SCALE_BATCHES, STEPS = 32, 8, 2, 20
@@ -25,8 +25,15 @@ BAD_STEP = 7  # the step (1-based) whose batch holds the bad row
 
 def sets(out_dir: Path, acts: Path | None = None, **extra) -> list[str]:
     s = [
-        f"sae.d_in={D}", "sae.expansion=4", f"data.batch_size={B}", f"train.steps={STEPS}", "train.lr=1e-2",
-        "train.lr_warmup_steps=3", "run.save_every=5", "run.log_every=5", f"train.scale_batches={SCALE_BATCHES}",
+        f"sae.d_in={D}",
+        "sae.expansion=4",
+        f"data.batch_size={B}",
+        f"train.steps={STEPS}",
+        "train.lr=1e-2",
+        "train.lr_warmup_steps=3",
+        "run.save_every=5",
+        "run.log_every=5",
+        f"train.scale_batches={SCALE_BATCHES}",
         f"run.out_dir={out_dir}",
     ]
     if acts is not None:
@@ -92,7 +99,10 @@ def test_nan_input_with_skip_leaves_params_unchanged_and_counts_it(tmp_path):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()  # the bad batch moved nothing, Adam's count included
     assert int(at.skipped) == 1 and at.first_bad.tolist() == [BAD_STEP - 1, 1]
     assert int(whole.state.step) == STEPS and int(whole.state.skipped) == 1
-    skipped = {json.loads(l)["step"]: json.loads(l)["skipped"] for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()}
+    skipped = {
+        json.loads(l)["step"]: json.loads(l)["skipped"]
+        for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    }
     assert skipped == {5: 0, 10: 1, 15: 1, 20: 1}
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(whole.sae.params))
     # the step after the skipped one trains again
@@ -103,7 +113,9 @@ def test_nan_input_with_skip_leaves_params_unchanged_and_counts_it(tmp_path):
 def test_nan_in_the_scale_estimate_is_one_line(tmp_path):
     """A NaN among the batches that set the input scale: nothing to train from, whatever on_nonfinite says."""
     acts = activations(tmp_path, float("nan"), step=1 - SCALE_BATCHES)
-    with pytest.raises(NonFiniteError, match=r"^input scale: expected a finite positive mean activation norm, found nan$"):
+    with pytest.raises(
+        NonFiniteError, match=r"^input scale: expected a finite positive mean activation norm, found nan$"
+    ):
         train(load_config(None, sets(tmp_path / "run", acts, **{"train.on_nonfinite": "skip"})), progress=False)
 
 
@@ -111,7 +123,10 @@ def test_learning_rate_that_overflows_the_loss_stops_at_step_2(tmp_path):
     """lr 1e30: step 1 moves the params to ~1e30 (finite); step 2's activations and loss overflow."""
     run = tmp_path / "run"
     extra = {"train.lr": "1e30", "train.lr_warmup_steps": 0, "run.log_every": 1, "run.save_every": 1}
-    with pytest.raises(NonFiniteError, match=r"^step 2: non-finite loss; stopped \(train.on_nonfinite=stop\), the last good checkpoint, step 1, is kept$"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"^step 2: non-finite loss; stopped \(train.on_nonfinite=stop\), the last good checkpoint, step 1, is kept$",
+    ):
         train(load_config(None, sets(run, **extra)), progress=False)
     assert checkpoint_steps(run) == ["1"]
 
@@ -120,8 +135,17 @@ def test_learning_rate_that_overflows_the_loss_stops_at_step_2(tmp_path):
 def test_learning_rate_that_overflows_the_params_stops_before_saving_them(tmp_path, mode):
     """lr 1e300 is inf in float32: the gradients are finite but the update is not. Skipping cannot recover."""
     run = tmp_path / "run"
-    extra = {"train.lr": "1e300", "train.lr_warmup_steps": 0, "run.log_every": 1, "run.save_every": 1, "train.on_nonfinite": mode}
-    with pytest.raises(NonFiniteError, match=r"^by step 1: non-finite params \(an update overflowed; is train.lr too large\?\); stopped, no checkpoint was saved before it$"):
+    extra = {
+        "train.lr": "1e300",
+        "train.lr_warmup_steps": 0,
+        "run.log_every": 1,
+        "run.save_every": 1,
+        "train.on_nonfinite": mode,
+    }
+    with pytest.raises(
+        NonFiniteError,
+        match=r"^by step 1: non-finite params \(an update overflowed; is train.lr too large\?\); stopped, no checkpoint was saved before it$",
+    ):
         train(load_config(None, sets(run, **extra)), progress=False)
     assert checkpoint_steps(run) == []
 
@@ -129,4 +153,7 @@ def test_learning_rate_that_overflows_the_params_stops_before_saving_them(tmp_pa
 def test_learning_rate_overflow_through_the_cli_is_one_line(tmp_path):
     r = run_cli(sets(tmp_path / "run", **{"train.lr": "1e30", "train.lr_warmup_steps": 0, "run.log_every": 1}))
     assert r.returncode == 1 and r.stdout == ""
-    assert without_progress(r.stderr) == "error: step 2: non-finite loss; stopped (train.on_nonfinite=stop), no checkpoint was saved before it\n"
+    assert (
+        without_progress(r.stderr)
+        == "error: step 2: non-finite loss; stopped (train.on_nonfinite=stop), no checkpoint was saved before it\n"
+    )

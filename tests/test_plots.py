@@ -22,12 +22,26 @@ def write_metrics(path: Path, rows) -> Path:
 
 
 def rows(steps, batch=1024, **extra):
-    return [dict(step=s, tokens=s * batch, loss=100.0 / s, mse=1.0 / s, l0=60 + s, explained_variance=1 - 1 / s,
-                 dead_fraction=0.0, grad_norm=2.0, **extra) for s in steps]
+    return [
+        dict(
+            step=s,
+            tokens=s * batch,
+            loss=100.0 / s,
+            mse=1.0 / s,
+            l0=60 + s,
+            explained_variance=1 - 1 / s,
+            dead_fraction=0.0,
+            grad_norm=2.0,
+            **extra,
+        )
+        for s in steps
+    ]
 
 
 def test_curves_plot_each_metric_against_tokens_and_a_resumed_step_keeps_its_last_row(tmp_path):
-    resumed = rows([50, 100, 150]) + [dict(rows([100])[0], loss=7.0)] + rows([150, 200])  # 150 logged twice after a resume
+    resumed = (
+        rows([50, 100, 150]) + [dict(rows([100])[0], loss=7.0)] + rows([150, 200])
+    )  # 150 logged twice after a resume
     src = write_metrics(tmp_path / "metrics.jsonl", resumed)
     data = plot_curves(tmp_path, tmp_path / "curves.png")
     assert list(data) == ["loss", "mse", "l0", "explained_variance", "dead_fraction"]
@@ -64,9 +78,14 @@ def test_bad_metrics_files_are_one_line_errors(tmp_path, text, message):
 
 def test_a_missing_metric_or_file_names_what_exists(tmp_path):
     write_metrics(tmp_path / "metrics.jsonl", rows([1]))
-    with pytest.raises(ValueError, match=r"metrics \['fvu'\]: expected among \['dead_fraction', 'explained_variance', 'grad_norm', 'l0', 'loss', 'mse'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"metrics \['fvu'\]: expected among \['dead_fraction', 'explained_variance', 'grad_norm', 'l0', 'loss', 'mse'\]",
+    ):
         plot_curves(tmp_path, tmp_path / "x.png", ("fvu",))
-    with pytest.raises(FileNotFoundError, match=r"nothing: no such file \(expected a run directory or its metrics.jsonl\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"nothing: no such file \(expected a run directory or its metrics.jsonl\)"
+    ):
         plot_curves(tmp_path / "nothing", tmp_path / "x.png")
 
 
@@ -81,11 +100,17 @@ def test_density_histogram_draws_log10_of_the_latents_that_fired(tmp_path):
 
 def test_plot_curves_command(tmp_path):
     write_metrics(tmp_path / "metrics.jsonl", rows([10, 20]))
-    ok = subprocess.run([sys.executable, "-m", "sae_jax", "plot", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "sae_jax", "plot", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout == (f"{tmp_path.name}: 5 panels, 2 points; "
-                         f"last: loss 5, mse 0.05, l0 80, explained_variance 0.95, dead_fraction 0\nwrote {tmp_path / 'training_curves.png'}\n")
-    bad = subprocess.run([sys.executable, "-m", "sae_jax", "plot", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert ok.stdout == (
+        f"{tmp_path.name}: 5 panels, 2 points; "
+        f"last: loss 5, mse 0.05, l0 80, explained_variance 0.95, dead_fraction 0\nwrote {tmp_path / 'training_curves.png'}\n"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "sae_jax", "plot", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr == f"error: {tmp_path / 'nope'}: no such file (expected a run directory or its metrics.jsonl)\n"
 
@@ -100,12 +125,26 @@ def test_several_runs_overlay_with_their_held_out_points(tmp_path):
     np.testing.assert_array_equal(data["a"]["l0"][1], [70, 80, 90])
     np.testing.assert_array_equal(data["b"]["mse"][0], [10240, 20480])
     assert (tmp_path / "both.png").read_bytes()[:8] == PNG
-    r = subprocess.run([sys.executable, "-m", "sae_jax", "plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
-                        str(tmp_path / "c.png")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae_jax",
+            "plot",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "c.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and r.stdout.splitlines() == [
         "a: 5 panels, 3 points; last: loss 3.333, mse 0.03333, l0 90, explained_variance 0.9667, dead_fraction 0",
         "b: 5 panels, 2 points; last: loss 5, mse 0.05, l0 80, explained_variance 0.95, dead_fraction 0",
-        f"wrote {tmp_path / 'c.png'}"], r.stdout + r.stderr
+        f"wrote {tmp_path / 'c.png'}",
+    ], r.stdout + r.stderr
 
 
 def test_density_axis_is_fixed_and_marks_dead_and_dense(tmp_path):

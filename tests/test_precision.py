@@ -28,8 +28,16 @@ D, EXPANSION, B = 64, 8, 256
 
 
 def config(arch, kernel, dtype):
-    sets = [f"sae.d_in={D}", f"sae.expansion={EXPANSION}", f"data.batch_size={B}", f"train.kernel={kernel}",
-            f"train.compute_dtype={dtype}", "train.lr=1e-3", "train.lr_warmup_steps=0", "train.steps=100"]
+    sets = [
+        f"sae.d_in={D}",
+        f"sae.expansion={EXPANSION}",
+        f"data.batch_size={B}",
+        f"train.kernel={kernel}",
+        f"train.compute_dtype={dtype}",
+        "train.lr=1e-3",
+        "train.lr_warmup_steps=0",
+        "train.steps=100",
+    ]
     if arch == "topk":
         sets += ["sae.architecture=topk", "sae.k=16"]
     return load_config(None, sets)
@@ -55,7 +63,10 @@ RUNS = [("relu", "dense"), ("relu", "sparse"), ("topk", "dense"), ("topk", "spar
 def test_bf16_matches_float32_on_the_same_bf16_inputs(arch, kernel):
     x, out = batch(0), {}
     state = init_state(config(arch, kernel, "float32"))
-    for dtype, s, xs in [("bfloat16", state, x), ("float32", dataclasses.replace(state, params=bf16_rounded(state.params)), bf16_rounded(x))]:
+    for dtype, s, xs in [
+        ("bfloat16", state, x),
+        ("float32", dataclasses.replace(state, params=bf16_rounded(state.params)), bf16_rounded(x)),
+    ]:
         cfg = config(arch, kernel, dtype)
         out[dtype] = jax.jit(lambda s, x: loss_and_grads(s, x, spec_from_config(cfg), cfg.train))(s, xs)
     ((l16, (f16, _)), g16), ((l32, (f32, _)), g32) = out["bfloat16"], out["float32"]
@@ -81,7 +92,9 @@ def test_bf16_training_keeps_float32_master_weights_and_adam_state(arch, kernel)
         runs[dtype] = (jax.device_get(state.params), losses)
     (p32, l32), (p16, l16) = runs["float32"], runs["bfloat16"]
     assert l16 == pytest.approx(l32, rel=1e-4)
-    dist = lambda a, b: np.sqrt(sum(float(np.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+    dist = lambda a, b: np.sqrt(
+        sum(float(np.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    )
     assert 0 < dist(p16, p32) <= 0.25 * dist(p32, start)
 
 

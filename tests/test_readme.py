@@ -18,8 +18,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- readme-test: runs on the demo -->"
-SHORT = ["train.steps=4", "train.lr_warmup_steps=1", "data.batch_size=256", "run.save_every=2", "run.log_every=2", "run.eval_every=0",
-         "run.eval_batches=1", "train.scale_batches=2", "data.text.buffer_tokens=2048"]
+SHORT = [
+    "train.steps=4",
+    "train.lr_warmup_steps=1",
+    "data.batch_size=256",
+    "run.save_every=2",
+    "run.log_every=2",
+    "run.eval_every=0",
+    "run.eval_batches=1",
+    "train.scale_batches=2",
+    "data.text.buffer_tokens=2048",
+]
 
 
 def snippets() -> list[tuple[str, str]]:

@@ -6,7 +6,17 @@ import jax
 import numpy as np
 import pytest
 
-from sae_jax.sae import SAE, SAEParams, SAESpec, encode, decode, forward, fold_input_scale, init_params, explained_variance
+from sae_jax.sae import (
+    SAE,
+    SAEParams,
+    SAESpec,
+    decode,
+    encode,
+    explained_variance,
+    fold_input_scale,
+    forward,
+    init_params,
+)
 
 
 def random_sae(arch="relu", D=16, N=64, k=None, seed=0, scale=1.0):
@@ -107,4 +117,5 @@ def test_jumprelu_and_pre_encoder_bias_match_numpy_and_survive_the_scale_fold():
     np.testing.assert_allclose(forward(folded, x).x_hat, out.x_hat, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="threshold expected shape"):
         from sae_jax.sae import check_params
+
         check_params(dataclasses.replace(p, threshold=None), spec)

@@ -83,12 +83,19 @@ def test_mesh_that_does_not_fit_is_a_config_error(report):
 @pytest.mark.parametrize("mesh", ["data", "model", "both"])
 def test_placed_batch_has_the_batch_sharding_and_the_batch_values(report, mesh):
     dm = MESHES[mesh]
-    assert report["placed"][mesh] == {"rows": [0, B], "batch_sharding": True, "equal": True, "shard_shapes": [[B // dm[0], D]] * 4}
+    assert report["placed"][mesh] == {
+        "rows": [0, B],
+        "batch_sharding": True,
+        "equal": True,
+        "shard_shapes": [[B // dm[0], D]] * 4,
+    }
 
 
 def test_run_train_on_a_mesh_matches_one_device(report):
     r = report["train"]
-    assert r["placed"] == 6 + 3 + 2 and r["placed_with_batch_sharding"]  # each mesh step's batch: 6 steps, then 3 and 2 resumed
+    assert (
+        r["placed"] == 6 + 3 + 2 and r["placed_with_batch_sharding"]
+    )  # each mesh step's batch: 6 steps, then 3 and 2 resumed
     assert r["both_rel_diff"] <= TOL, r
 
 
@@ -107,18 +114,32 @@ def _checks() -> dict:
     import jax
     import numpy as np
 
-    from sae_jax.config import ConfigError, load_config
     from sae_jax import sharding
     from sae_jax.checkpoint import Checkpoints
+    from sae_jax.config import ConfigError, load_config
     from sae_jax.trainer import _init_state, abstract_state, init_state, make_step
 
     def config(arch, kernel, mesh, d=D, expansion=EXPANSION, b=B):
         kernel, _, encoder_grad = kernel.partition("-")
-        sets = [f"sae.d_in={d}", f"sae.expansion={expansion}", f"data.batch_size={b}", f"train.kernel={kernel}",
-                f"train.sparse_encoder_grad={encoder_grad or 'matmul'}",
-                "train.lr=1e-3", "train.lr_warmup_steps=0", "train.steps=100", f"mesh.data={mesh[0]}", f"mesh.model={mesh[1]}"]
+        sets = [
+            f"sae.d_in={d}",
+            f"sae.expansion={expansion}",
+            f"data.batch_size={b}",
+            f"train.kernel={kernel}",
+            f"train.sparse_encoder_grad={encoder_grad or 'matmul'}",
+            "train.lr=1e-3",
+            "train.lr_warmup_steps=0",
+            "train.steps=100",
+            f"mesh.data={mesh[0]}",
+            f"mesh.model={mesh[1]}",
+        ]
         if arch == "topk":
-            sets += ["sae.architecture=topk", "sae.k=4", "train.auxk_k=8", "train.dead_tokens=64"]  # dead latents by step 3
+            sets += [
+                "sae.architecture=topk",
+                "sae.k=4",
+                "train.auxk_k=8",
+                "train.dead_tokens=64",
+            ]  # dead latents by step 3
         return load_config(None, sets)
 
     batches = [np.random.default_rng(i).standard_normal((B, D)).astype(np.float32) for i in range(STEPS)]
@@ -148,9 +169,12 @@ def _checks() -> dict:
                 "devices": len(state.params.W_enc.sharding.device_set),
                 "max_rel_diff": rel(state.params, ref.params),
                 "loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
-                "shard_shapes": {**{k: shard_shape(getattr(state.params, k)) for k in ("W_enc", "W_dec", "b_enc", "b_dec")},
-                                 "mu.W_enc": shard_shape(mu.W_enc), "nu.W_dec": shard_shape(nu.W_dec),
-                                 "since_fired": shard_shape(state.since_fired)},
+                "shard_shapes": {
+                    **{k: shard_shape(getattr(state.params, k)) for k in ("W_enc", "W_dec", "b_enc", "b_dec")},
+                    "mu.W_enc": shard_shape(mu.W_enc),
+                    "nu.W_dec": shard_shape(nu.W_dec),
+                    "since_fired": shard_shape(state.since_fired),
+                },
             }
 
     # Each data shard stepping on its own quarter of the batch, without the all-reduce.
@@ -170,8 +194,11 @@ def _checks() -> dict:
     shards = lambda a: [list(s.data.shape) for s in a.addressable_shards]
     one = jax.jit(lambda: _init_state(big_cfg))()  # the same program on one device
     big = {
-        "shards": {"W_enc": shards(big_state.params.W_enc), "W_dec": shards(big_state.params.W_dec),
-                   "mu.W_enc": shards(big_state.opt_state[1][0].mu.W_enc)},
+        "shards": {
+            "W_enc": shards(big_state.params.W_enc),
+            "W_dec": shards(big_state.params.W_dec),
+            "mu.W_enc": shards(big_state.opt_state[1][0].mu.W_enc),
+        },
         "distinct_devices": len({s.device for s in big_state.params.W_enc.addressable_shards}),
         "output_bytes_per_device": mem.output_size_in_bytes,
         "temp_bytes_per_device": mem.temp_size_in_bytes,
@@ -189,8 +216,16 @@ def _checks() -> dict:
 
     errors = {}
     for name, sets in {"devices": (4, 2, B, 4), "batch": (4, 1, 30, 4), "latents": (1, 3, B, 4)}.items():
-        cfg = load_config(None, [f"sae.d_in={D}", f"sae.expansion={sets[3]}", f"data.batch_size={sets[2]}",
-                                 f"mesh.data={sets[0]}", f"mesh.model={sets[1]}"])
+        cfg = load_config(
+            None,
+            [
+                f"sae.d_in={D}",
+                f"sae.expansion={sets[3]}",
+                f"data.batch_size={sets[2]}",
+                f"mesh.data={sets[0]}",
+                f"mesh.model={sets[1]}",
+            ],
+        )
         try:
             sharding.make_mesh(cfg)
         except ConfigError as e:
@@ -202,9 +237,20 @@ def _checks() -> dict:
         mesh = sharding.make_mesh(config("relu", "dense", MESHES[name]))
         rows = sharding.process_rows(mesh, B)
         x = sharding.place_batch(mesh, batches[0][rows])
-        placed[name] = {"rows": [rows.start, rows.stop], "batch_sharding": x.sharding == sharding.batch_sharding(mesh),
-                        "equal": bool((np.asarray(x) == batches[0]).all()), "shard_shapes": [list(s.data.shape) for s in x.addressable_shards]}
-    return {"runs": runs, "unreduced_rel_diff": unreduced, "big": big, "errors": errors, "placed": placed, "train": _run_train()}
+        placed[name] = {
+            "rows": [rows.start, rows.stop],
+            "batch_sharding": x.sharding == sharding.batch_sharding(mesh),
+            "equal": bool((np.asarray(x) == batches[0]).all()),
+            "shard_shapes": [list(s.data.shape) for s in x.addressable_shards],
+        }
+    return {
+        "runs": runs,
+        "unreduced_rel_diff": unreduced,
+        "big": big,
+        "errors": errors,
+        "placed": placed,
+        "train": _run_train(),
+    }
 
 
 def _run_train() -> dict:
@@ -218,13 +264,28 @@ def _run_train() -> dict:
     from sae_jax.config import load_config
 
     def cfg(out_dir, mesh):
-        return load_config(None, [f"sae.d_in={D}", f"sae.expansion={EXPANSION}", f"data.batch_size={B}", "train.steps=6",
-                                  "train.lr=1e-3", "train.lr_warmup_steps=0", "run.save_every=2", "run.eval_batches=0",
-                                  f"run.out_dir={out_dir}", f"mesh.data={mesh[0]}", f"mesh.model={mesh[1]}"])
+        return load_config(
+            None,
+            [
+                f"sae.d_in={D}",
+                f"sae.expansion={EXPANSION}",
+                f"data.batch_size={B}",
+                "train.steps=6",
+                "train.lr=1e-3",
+                "train.lr_warmup_steps=0",
+                "run.save_every=2",
+                "run.eval_batches=0",
+                f"run.out_dir={out_dir}",
+                f"mesh.data={mesh[0]}",
+                f"mesh.model={mesh[1]}",
+            ],
+        )
 
     starts, shardings, loop, place = [], [], run._loop, sharding.place_batch
     run._loop = lambda c, state, start, *a: starts.append(start) or loop(c, state, start, *a)
-    sharding.place_batch = lambda mesh, local: shardings.append((x := place(mesh, local)).sharding == sharding.batch_sharding(mesh)) or x
+    sharding.place_batch = lambda mesh, local: (
+        shardings.append((x := place(mesh, local)).sharding == sharding.batch_sharding(mesh)) or x
+    )
     tmp = Path(tempfile.mkdtemp())
     one = run.train(cfg(tmp / "one", MESHES["one"]), progress=False)
     both = run.train(cfg(tmp / "both", MESHES["both"]), progress=False)
@@ -233,9 +294,16 @@ def _run_train() -> dict:
     run.train(cfg(tmp / "resumed", MESHES["both"]), stop_after=5, progress=False)
     resumed = run.train(cfg(tmp / "resumed", MESHES["model"]), progress=False)
     run._loop, sharding.place_batch = loop, place
-    rel = lambda a, b: max(float(abs(x - y).max() / max(abs(y).max(), 1e-30))
-                           for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
-    return {"both_rel_diff": rel(both.state.params, one.state.params), "resumed_rel_diff": rel(resumed.state.params, one.state.params),
-            "starts": starts, "placed": len(shardings), "placed_with_batch_sharding": all(shardings),
-            "resumed_devices": len(resumed.state.params.W_enc.sharding.device_set), "steps": int(resumed.state.step)}
-
+    rel = lambda a, b: max(
+        float(abs(x - y).max() / max(abs(y).max(), 1e-30))
+        for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)))
+    )
+    return {
+        "both_rel_diff": rel(both.state.params, one.state.params),
+        "resumed_rel_diff": rel(resumed.state.params, one.state.params),
+        "starts": starts,
+        "placed": len(shardings),
+        "placed_with_batch_sharding": all(shardings),
+        "resumed_devices": len(resumed.state.params.W_enc.sharding.device_set),
+        "steps": int(resumed.state.step),
+    }

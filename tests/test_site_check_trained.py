@@ -22,17 +22,42 @@ def demo(tmp_path_factory):
 
 def trained_sae(demo, out, layer, site):
     model, chats = demo
-    cfg = load_config(None, [
-        "data.source=llama", f"data.model.path={model}", "data.model.dtype=float32", f"data.text.path={chats}",
-        "data.text.context_size=128", "data.text.pack=true", "data.text.buffer_tokens=16384", "data.batch_size=1024",
-        "sae.d_in=128", "sae.expansion=8", "sae.architecture=topk", "sae.k=16", f"sae.hook_layer={layer}", f"sae.hook_site={site}",
-        "train.steps=150", "train.lr=2e-3", "train.lr_warmup_steps=10", "train.scale_batches=2", "train.auxk_k=64",
-        "run.save_every=150", "run.log_every=50", "run.eval_every=0", "run.eval_batches=0", f"run.out_dir={out}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.source=llama",
+            f"data.model.path={model}",
+            "data.model.dtype=float32",
+            f"data.text.path={chats}",
+            "data.text.context_size=128",
+            "data.text.pack=true",
+            "data.text.buffer_tokens=16384",
+            "data.batch_size=1024",
+            "sae.d_in=128",
+            "sae.expansion=8",
+            "sae.architecture=topk",
+            "sae.k=16",
+            f"sae.hook_layer={layer}",
+            f"sae.hook_site={site}",
+            "train.steps=150",
+            "train.lr=2e-3",
+            "train.lr_warmup_steps=10",
+            "train.scale_batches=2",
+            "train.auxk_k=64",
+            "run.save_every=150",
+            "run.log_every=50",
+            "run.eval_every=0",
+            "run.eval_batches=0",
+            f"run.out_dir={out}",
+        ],
+    )
     return train(cfg, progress=False).sae, cfg
 
 
-@pytest.mark.parametrize("site, expected", [("input", ["input of layer 9", "output of layer 8"]), ("output", ["input of layer 10", "output of layer 9"])])
+@pytest.mark.parametrize(
+    "site, expected",
+    [("input", ["input of layer 9", "output of layer 8"]), ("output", ["input of layer 10", "output of layer 9"])],
+)
 def test_site_check_names_the_site_a_trained_sae_was_trained_on(demo, tmp_path, site, expected):
     sae, cfg = trained_sae(demo, tmp_path, 9, site)
     model = llama.load(demo[0])

@@ -43,8 +43,16 @@ ROWS = sparse.dense_rows(B)  # 4
 
 
 def config(arch="relu", kernel="sparse", **extra):
-    sets = [f"sae.d_in={D}", f"sae.expansion={EXPANSION}", f"data.batch_size={B}", f"train.kernel={kernel}",
-            "train.lr=1e-3", "train.lr_warmup_steps=0", "train.steps=100", "train.l1_warmup_frac=0"]
+    sets = [
+        f"sae.d_in={D}",
+        f"sae.expansion={EXPANSION}",
+        f"data.batch_size={B}",
+        f"train.kernel={kernel}",
+        "train.lr=1e-3",
+        "train.lr_warmup_steps=0",
+        "train.steps=100",
+        "train.l1_warmup_frac=0",
+    ]
     if arch == "topk":
         sets += ["sae.architecture=topk", "sae.k=6", "train.auxk_k=16"]
     return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
@@ -83,7 +91,14 @@ CASES = {  # name: (arch, extra config, b_enc shift, dead_every, mixed batch, re
     "relu": ("relu", {"train.sparse_k_max": 32}, -1.0, 0, False, 0),
     "relu-at-cap": ("relu", {}, -1.0, 0, False, 0),  # k_max set to the batch's largest active count below
     "relu-some-over": ("relu", {"train.sparse_k_max": 12}, -1.0, 0, True, 1),
-    "relu-some-over-scatter": ("relu", {"train.sparse_k_max": 12, "train.sparse_encoder_grad": "scatter"}, -1.0, 0, True, 1),
+    "relu-some-over-scatter": (
+        "relu",
+        {"train.sparse_k_max": 12, "train.sparse_encoder_grad": "scatter"},
+        -1.0,
+        0,
+        True,
+        1,
+    ),
     "relu-many-over": ("relu", {"train.sparse_k_max": 2}, -1.0, 0, False, 2),
     "relu-some-over-bf16": ("relu", {"train.sparse_k_max": 12, "train.compute_dtype": "bfloat16"}, -1.0, 0, True, 1),
     "topk-dead": ("topk", {}, 0.0, 3, True, None),
@@ -112,7 +127,9 @@ def test_sparse_loss_and_gradients_equal_dense(case):
             assert 1 <= (counts > k_max).sum() <= ROWS and (counts <= k_max).sum() >= B - ROWS
         m = trainer.kernel_metrics(out.pre, spec_from_config(sparse_cfg), sparse_cfg.train)
         assert float(m["over_budget_fraction"]) * B == (counts > k_max).sum()
-        assert (float(m["dense_fallback"]), float(m["sparse_token_fraction"])) == [(0, 1), (0, 1 - ROWS / B), (1, 0)][path]
+        assert (float(m["dense_fallback"]), float(m["sparse_token_fraction"])) == [(0, 1), (0, 1 - ROWS / B), (1, 0)][
+            path
+        ]
     if case.startswith("topk-dead"):
         assert float(parts.auxk) > 0 and float(s_parts.auxk) == pytest.approx(float(parts.auxk), rel=tol)
     assert s_loss == pytest.approx(loss, rel=tol)
@@ -130,7 +147,9 @@ def test_decoder_norm_penalty_is_in_the_sparse_gradient():
     cfg = config("relu", "sparse", **{"train.sparse_k_max": 12})
     state = state_with(cfg)
     _, _, _, g = grads_of(cfg, state, x)
-    _, _, _, g0 = grads_of(config("relu", "sparse", **{"train.sparse_k_max": 12, "train.l1_coefficient": 0.0}), state, x)
+    _, _, _, g0 = grads_of(
+        config("relu", "sparse", **{"train.sparse_k_max": 12, "train.l1_coefficient": 0.0}), state, x
+    )
     assert rel(g0.W_dec, g.W_dec) > 1e-2
 
 
@@ -228,6 +247,8 @@ def test_the_step_applies_whatever_optimizer_returns(monkeypatch):
 
     adam_params = run()
     for wd, low, high in [(0.0, 0.0, 1e-6), (0.1, 1e-5, 1.0)]:
-        monkeypatch.setattr(trainer, "optimizer", lambda t, wd=wd: optax.adamw(lr_schedule(t), t.adam_b1, t.adam_b2, weight_decay=wd))
+        monkeypatch.setattr(
+            trainer, "optimizer", lambda t, wd=wd: optax.adamw(lr_schedule(t), t.adam_b1, t.adam_b2, weight_decay=wd)
+        )
         got = run()
         assert low <= max(rel(getattr(got, n), getattr(adam_params, n)) for n in ("W_enc", "W_dec")) <= high, wd

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from llama_helpers import tiny
 from sae_helpers import exact_sae
+
 from sae_jax.llama import Edit, load, logits
 from sae_jax.llama.generate import generate
 from sae_jax.sae import SAE, SAESpec, decode, encode, init_params
@@ -63,7 +63,7 @@ def test_alpha_zero_is_plain_greedy_which_is_transformers_greedy(model, folder, 
     with torch.no_grad():
         ref = m.generate(torch.as_tensor(prompt, dtype=torch.long), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     plain = generate(model, prompt, NEW)
-    np.testing.assert_array_equal(plain, ref[:, prompt.shape[1]:].numpy())
+    np.testing.assert_array_equal(plain, ref[:, prompt.shape[1] :].numpy())
     np.testing.assert_array_equal(steer(model, sae, prompt, 17, 0.0, NEW), plain)
 
 
@@ -74,7 +74,9 @@ def test_steering_changes_the_text_and_the_cache_agrees_with_recomputation(model
     assert not np.array_equal(cached, plain)
     np.testing.assert_array_equal(cached, generate(model, prompt, NEW, edit=edit, use_cache=False))
     clamp = steering_edit(sae, 17, 40.0, "clamp")
-    np.testing.assert_array_equal(generate(model, prompt, NEW, edit=clamp), generate(model, prompt, NEW, edit=clamp, use_cache=False))
+    np.testing.assert_array_equal(
+        generate(model, prompt, NEW, edit=clamp), generate(model, prompt, NEW, edit=clamp, use_cache=False)
+    )
 
 
 def test_the_output_of_layer_l_is_the_input_of_layer_l_plus_1_and_not_of_layer_l(model, prompt):

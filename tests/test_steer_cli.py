@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from sae_helpers import cli_workspace, entry_point, run_entry, without_progress
-from sae_jax.tokenizer import llama3_tokenizer
+from sae_helpers import entry_point, run_entry, without_progress
 
 
 @pytest.fixture(scope="module")
@@ -14,12 +12,28 @@ def steer_py():
 
 
 def test_alpha_zero_prints_the_plain_text_and_a_large_alpha_changes_it(ws, steer_py, capsys):
-    args = ["--sae", ws.sae, "--model", ws.model, "--prompt", "Tell me about rivers.", "--feature", 5,
-            "--alpha", 0, "--alpha", 300, "--max-new-tokens", 6]
+    args = [
+        "--sae",
+        ws.sae,
+        "--model",
+        ws.model,
+        "--prompt",
+        "Tell me about rivers.",
+        "--feature",
+        5,
+        "--alpha",
+        0,
+        "--alpha",
+        300,
+        "--max-new-tokens",
+        6,
+    ]
     rc, out, err = run_entry(steer_py, args, capsys)
     assert rc == 0, err
     prompt, plain, zero, big = out.splitlines()
-    assert prompt == "prompt (15 tokens): 'Tell me about rivers.'"  # BOS, header (3), \n\n, 5 text tokens, eot, header (3), \n\n
+    assert (
+        prompt == "prompt (15 tokens): 'Tell me about rivers.'"
+    )  # BOS, header (3), \n\n, 5 text tokens, eot, header (3), \n\n
     assert plain.startswith("plain: '")
     assert zero == "feature 5 add 0 at layer 2 input: " + plain.removeprefix("plain: ")
     assert big.startswith("feature 5 add 300 at layer 2 input: '") and big.split(": ", 1)[1] != plain.split(": ", 1)[1]

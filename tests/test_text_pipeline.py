@@ -10,11 +10,10 @@ import pytest
 
 from sae_jax.chat import format_chat
 from sae_jax.config import ConfigError
+from sae_jax.data import text as text_module
 from sae_jax.data.activations import ActivationSource, llama_harvest
 from sae_jax.data.demo_chats import write_demo_chats
-from sae_jax.data import text as text_module
 from sae_jax.data.text import TextConfig, TextSource
-from sae_jax.tokenizer import llama3_tokenizer
 
 SPECIAL = np.arange(128000, 128256)
 
@@ -62,7 +61,9 @@ def test_demo_chats_are_deterministic_and_lmsys_shaped(tmp_path):
 @pytest.mark.parametrize("exclude_special", [True, False])
 def test_truncated_batches_are_formatted_rows(tok, chats, exclude_special):
     path, convs = chats
-    src = TextSource(TextConfig(path=str(path), context_size=48, seqs_per_batch=3, exclude_special=exclude_special), tok)
+    src = TextSource(
+        TextConfig(path=str(path), context_size=48, seqs_per_batch=3, exclude_special=exclude_special), tok
+    )
     batches = [src.next_batch() for _ in range(2)]
     assert src.state() == {"epoch": 0, "row": 6, "offset": 0}
     for i, conv in enumerate(convs[:6]):
@@ -96,7 +97,11 @@ def test_text_resumes_exactly_across_epochs(tok, tmp_path, monkeypatch, pack, re
     states, batches = take(TextSource(cfg, tok), 14)
     assert states[-1]["epoch"] >= 1
     if pack:  # the stream wraps around: epoch after epoch of the same rows
-        epoch = [i for line in path.read_text().splitlines() for i in format_chat(tok, json.loads(line)["conversation"]).input_ids]
+        epoch = [
+            i
+            for line in path.read_text().splitlines()
+            for i in format_chat(tok, json.loads(line)["conversation"]).input_ids
+        ]
         flat = np.concatenate([b.input_ids.ravel() for b in batches]).tolist()
         assert flat == (epoch * (len(flat) // len(epoch) + 1))[: len(flat)]
     for i in (0, 1, 5, 9, 13):
@@ -109,8 +114,14 @@ def test_text_resumes_exactly_across_epochs(tok, tmp_path, monkeypatch, pack, re
 def test_plain_text_parquet(tok, tmp_path):
     texts = ["First line of text.", "", "  Second, with spaces and ünïcode."]
     pq.write_table(pa.table({"text": texts, "id": [1, 2, 3]}), tmp_path / "t.parquet")
-    cfg = TextConfig(path=str(tmp_path / "t.parquet"), field="text", streaming=False, cache_dir=str(tmp_path / "hf"),
-                     context_size=16, seqs_per_batch=2)
+    cfg = TextConfig(
+        path=str(tmp_path / "t.parquet"),
+        field="text",
+        streaming=False,
+        cache_dir=str(tmp_path / "hf"),
+        context_size=16,
+        seqs_per_batch=2,
+    )
     b = TextSource(cfg, tok).next_batch()
     for s, text in enumerate([texts[0], texts[2]]):  # the empty row holds only BOS: nothing to keep, skipped
         expected = [128000] + tok(text, add_special_tokens=False)["input_ids"]
@@ -123,14 +134,20 @@ def test_bad_input_fails_in_one_line(tok, chats, tmp_path):
     path, _ = chats
     with pytest.raises(FileNotFoundError, match=r"/nope\.jsonl: no such file$"):
         TextSource(TextConfig(path=str(tmp_path / "nope.jsonl")), tok)
-    with pytest.raises(ConfigError, match=r"^data\.text\.path: expected an existing file, found no such file '.*nope\.jsonl'$"):
+    with pytest.raises(
+        ConfigError, match=r"^data\.text\.path: expected an existing file, found no such file '.*nope\.jsonl'$"
+    ):
         TextConfig(path=str(tmp_path / "nope.jsonl")).check("data.text")
     with pytest.raises(ValueError, match=r"chats\.jsonl: row 0 has no field 'messages'; found \['conversation', .*\]$"):
         TextSource(TextConfig(path=str(path), field="messages"), tok)
-    with pytest.raises(ValueError, match=r"chats\.jsonl: row 0 field 'turn': expected a string or a list of turns, found int$"):
+    with pytest.raises(
+        ValueError, match=r"chats\.jsonl: row 0 field 'turn': expected a string or a list of turns, found int$"
+    ):
         TextSource(TextConfig(path=str(path), field="turn"), tok)
     (tmp_path / "bad.jsonl").write_text('{"conversation": [{"role": "human", "content": "x"}]}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl: row 0 field 'conversation': conversation\[0\]\.role: expected one of"):
+    with pytest.raises(
+        ValueError, match=r"bad\.jsonl: row 0 field 'conversation': conversation\[0\]\.role: expected one of"
+    ):
         TextSource(TextConfig(path=str(tmp_path / "bad.jsonl")), tok)
     (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
     src = TextSource(TextConfig(path=str(tmp_path / "empty.jsonl"), field="text"), tok)
@@ -147,8 +164,9 @@ def text_source(tok, path, context_size=64, seqs_per_batch=4):
 
 def test_activations_resume_exactly(tok, chats):
     path, _ = chats
-    make = lambda: ActivationSource(text_source(tok, path), embed_harvest(8), d_in=8, batch_size=50, seed=7,
-                                    buffer_tokens=600)
+    make = lambda: ActivationSource(
+        text_source(tok, path), embed_harvest(8), d_in=8, batch_size=50, seed=7, buffer_tokens=600
+    )
     states, batches = take(make(), 40)
     assert all(b.shape == (50, 8) and b.dtype == np.float32 for b in batches)
     rounds = [s["round"] for s in states]
@@ -190,8 +208,14 @@ def test_real_tiny_llama(tok, chats, tmp_path):
     model = load(write_tiny_checkpoint(tmp_path / "tiny", num_hidden_layers=3, dtype="float32"), dtype="float32")
     path, _ = chats
     harvest = llama_harvest(model, 2, "input")
-    make = lambda: ActivationSource(text_source(tok, path, context_size=32, seqs_per_batch=2),
-                                    harvest, d_in=64, batch_size=32, seed=0, buffer_tokens=256)
+    make = lambda: ActivationSource(
+        text_source(tok, path, context_size=32, seqs_per_batch=2),
+        harvest,
+        d_in=64,
+        batch_size=32,
+        seed=0,
+        buffer_tokens=256,
+    )
     states, batches = take(make(), 6)
     assert all(b.shape == (32, 64) and b.dtype == np.float32 and np.isfinite(b).all() for b in batches)
     fresh = make()

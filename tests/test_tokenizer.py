@@ -49,9 +49,17 @@ def test_known_ids(tok):
 
 
 def test_special_token_ids(tok):
-    expected = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
-                "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008,
-                "<|eot_id|>": 128009, "<|python_tag|>": 128010, "<|reserved_special_token_247|>": 128255}
+    expected = {
+        "<|begin_of_text|>": 128000,
+        "<|end_of_text|>": 128001,
+        "<|finetune_right_pad_id|>": 128004,
+        "<|start_header_id|>": 128006,
+        "<|end_header_id|>": 128007,
+        "<|eom_id|>": 128008,
+        "<|eot_id|>": 128009,
+        "<|python_tag|>": 128010,
+        "<|reserved_special_token_247|>": 128255,
+    }
     assert {t: tok.convert_tokens_to_ids(t) for t in expected} == expected
     assert len(tok) == 128256 and len(tk.SPECIAL_TOKENS) == 256
     assert (tok.bos_token_id, tok.eos_token_id) == (128000, 128009)
@@ -61,9 +69,11 @@ def test_special_token_ids(tok):
 def test_chat_template_renders_llama3_instruct(tok):
     conv = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi\n"}]
     text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-                    "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 def test_cache_is_reused(tok, cache, monkeypatch):

@@ -66,7 +66,9 @@ def torch_loss(m: ReleaseSAE, x: torch.Tensor) -> torch.Tensor:
 
 
 def jax_loss(params, spec, x):
-    return sae_loss(params, spec, x, l1_coefficient=L1, dead=jnp.zeros(spec.n_latents, bool), auxk_k=1, auxk_coefficient=0.0)[0]
+    return sae_loss(
+        params, spec, x, l1_coefficient=L1, dead=jnp.zeros(spec.n_latents, bool), auxk_k=1, auxk_coefficient=0.0
+    )[0]
 
 
 @jax.jit
@@ -161,7 +163,9 @@ def test_three_adam_steps_match_torch_adam(setup, tmp_path):
     m = ReleaseSAE(D, N_ADAM)
     with torch.no_grad():
         for name, p in m.state_dict().items():
-            p.copy_(big.state_dict()[name][..., :N_ADAM] if name == "decoder.weight" else big.state_dict()[name][:N_ADAM])
+            p.copy_(
+                big.state_dict()[name][..., :N_ADAM] if name == "decoder.weight" else big.state_dict()[name][:N_ADAM]
+            )
     torch.save(m.state_dict(), tmp_path / "small.pt")
     sae = load_sae(tmp_path / "small.pt")
     start = {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
@@ -184,7 +188,12 @@ def test_three_adam_steps_match_torch_adam(setup, tmp_path):
     for _ in range(3):
         params, state = step(params, state)
 
-    ours = {"encoder.weight": params.W_enc.T, "encoder.bias": params.b_enc, "decoder.weight": params.W_dec.T, "decoder.bias": params.b_dec}
+    ours = {
+        "encoder.weight": params.W_enc.T,
+        "encoder.bias": params.b_enc,
+        "decoder.weight": params.W_dec.T,
+        "decoder.bias": params.b_dec,
+    }
     for key, value in ours.items():
         ref_step = m.state_dict()[key].numpy() - start[key]
         err = np.abs((np.asarray(value) - start[key]) - ref_step)

@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def write(tmp_path, text):
@@ -26,9 +28,21 @@ def write(tmp_path, text):
         ("train: {stpes: 10}\n", [], "train.stpes: unknown key"),
         ("train: {steps: ten}\n", [], "train.steps: expected an integer, found str 'ten'"),
         ("train: {lr: -0.001}\n", [], "train.lr: expected a finite number > 0, found -0.001"),
-        ("sae: {architecture: topk, d_in: 8, expansion: 2, k: 17}\n", [], "sae.k: expected 1 <= k <= N = 16 for topk, found 17"),
-        ("data: {source: disk, disk: {path: /no/such/acts}}\n", [], "data.disk.path: expected an existing file or folder"),
-        ("", ["sae.architecture=gated"], "sae.architecture: expected 'relu' or 'topk' or 'batchtopk' or 'jumprelu' or 'matryoshka', found 'gated'"),
+        (
+            "sae: {architecture: topk, d_in: 8, expansion: 2, k: 17}\n",
+            [],
+            "sae.k: expected 1 <= k <= N = 16 for topk, found 17",
+        ),
+        (
+            "data: {source: disk, disk: {path: /no/such/acts}}\n",
+            [],
+            "data.disk.path: expected an existing file or folder",
+        ),
+        (
+            "",
+            ["sae.architecture=gated"],
+            "sae.architecture: expected 'relu' or 'topk' or 'batchtopk' or 'jumprelu' or 'matryoshka', found 'gated'",
+        ),
         ("", ["train"], "--set train: expected key.path=value"),
         ("[1, 2]\n", [], "expected a mapping at the top level"),
     ],
@@ -61,7 +75,10 @@ def test_no_config_prints_usage_and_starts_nothing(tmp_path):
     r = run_train(cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("usage: train.py [-h] [--config CONFIG]")
-    assert r.stderr.splitlines()[-1] == "error: --config: expected a YAML config (for example configs/demo.yaml), found none"
+    assert (
+        r.stderr.splitlines()[-1]
+        == "error: --config: expected a YAML config (for example configs/demo.yaml), found none"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -85,8 +102,25 @@ def test_config_paths_resolve_against_the_config_file(tmp_path):
 
 
 def test_train_cli_trains_resumes_and_exports(tmp_path):
-    args = ["--no-progress", "--config", write(tmp_path, "{}\n"), "--set", f"run.out_dir={tmp_path / 'run'}", "--set", "sae.d_in=8", "--set", "sae.expansion=2",
-            "--set", "data.batch_size=16", "--set", "train.steps=6", "--set", "train.lr_warmup_steps=1", "--set", "run.save_every=3"]
+    args = [
+        "--no-progress",
+        "--config",
+        write(tmp_path, "{}\n"),
+        "--set",
+        f"run.out_dir={tmp_path / 'run'}",
+        "--set",
+        "sae.d_in=8",
+        "--set",
+        "sae.expansion=2",
+        "--set",
+        "data.batch_size=16",
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.lr_warmup_steps=1",
+        "--set",
+        "run.save_every=3",
+    ]
     r = run_train(*args)
     assert r.returncode == 0, r.stderr
     assert f"trained 6 steps; SAE exported to {tmp_path / 'run' / 'sae'}" in r.stdout
@@ -102,8 +136,11 @@ def test_config_contradicting_the_model_writes_nothing(tmp_path):
 
     tiny(tmp_path / "model", num_hidden_layers=2)
     (tmp_path / "chats.jsonl").write_text('{"conversation": [{"role": "user", "content": "hi"}]}\n')
-    cfg = write(tmp_path, f"sae: {{d_in: 8, expansion: 2, hook_layer: 1}}\ndata: {{source: llama, model: {{path: model}}, "
-                          f"text: {{path: chats.jsonl, tokenizer: llama3-offline}}}}\nrun: {{out_dir: run}}\n")
+    cfg = write(
+        tmp_path,
+        "sae: {d_in: 8, expansion: 2, hook_layer: 1}\ndata: {source: llama, model: {path: model}, "
+        "text: {path: chats.jsonl, tokenizer: llama3-offline}}\nrun: {out_dir: run}\n",
+    )
     r = run_train("--no-progress", "--config", cfg)
     assert r.returncode == 1
     assert r.stderr.splitlines()[-1].startswith(f"error: sae.d_in: expected the hidden size of {tmp_path / 'model'}")
@@ -114,10 +151,31 @@ def test_ctrl_c_names_the_checkpoint_kept(tmp_path):
     import signal
     import time
 
-    args = [sys.executable, str(ROOT / "train.py"), "--no-progress", "--config", write(tmp_path, "{}\n"),
-            "--set", f"run.out_dir={tmp_path / 'run'}", "--set", "sae.d_in=8", "--set", "sae.expansion=2",
-            "--set", "data.batch_size=16", "--set", "train.steps=100000", "--set", "train.lr_warmup_steps=1",
-            "--set", "run.save_every=5", "--set", "run.log_every=5", "--set", "run.eval_every=0"]
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--no-progress",
+        "--config",
+        write(tmp_path, "{}\n"),
+        "--set",
+        f"run.out_dir={tmp_path / 'run'}",
+        "--set",
+        "sae.d_in=8",
+        "--set",
+        "sae.expansion=2",
+        "--set",
+        "data.batch_size=16",
+        "--set",
+        "train.steps=100000",
+        "--set",
+        "train.lr_warmup_steps=1",
+        "--set",
+        "run.save_every=5",
+        "--set",
+        "run.log_every=5",
+        "--set",
+        "run.eval_every=0",
+    ]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     done = lambda: [c for c in (tmp_path / "run" / "checkpoints").glob("*") if c.name.isdigit()]  # finalized ones

@@ -11,9 +11,17 @@ from sae_jax.data.synthetic import recovered_fraction, true_dictionary
 from sae_jax.run import train
 
 RECOVERY = [
-    "sae.d_in=64", "sae.expansion=16", "data.batch_size=1024", "data.synthetic.n_features=512",
-    "data.synthetic.active=8", "train.steps=600", "train.lr=2e-3", "train.lr_warmup_steps=20",
-    "train.dead_tokens=100000", "run.save_every=600", "run.log_every=100",
+    "sae.d_in=64",
+    "sae.expansion=16",
+    "data.batch_size=1024",
+    "data.synthetic.n_features=512",
+    "data.synthetic.active=8",
+    "train.steps=600",
+    "train.lr=2e-3",
+    "train.lr_warmup_steps=20",
+    "train.dead_tokens=100000",
+    "run.save_every=600",
+    "run.log_every=100",
 ]
 
 
@@ -30,8 +38,15 @@ def test_trained_sae_recovers_the_true_directions(tmp_path, arch):
 
 def tiny(out_dir, source="synthetic", **extra):
     sets = [
-        "sae.d_in=8", "sae.expansion=4", "data.batch_size=32", "train.steps=30", "train.lr=1e-2",
-        "train.lr_warmup_steps=3", "run.save_every=10", "run.log_every=5", f"run.out_dir={out_dir}",
+        "sae.d_in=8",
+        "sae.expansion=4",
+        "data.batch_size=32",
+        "train.steps=30",
+        "train.lr=1e-2",
+        "train.lr_warmup_steps=3",
+        "run.save_every=10",
+        "run.log_every=5",
+        f"run.out_dir={out_dir}",
         f"data.source={source}",
     ]
     return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
@@ -71,7 +86,13 @@ def test_run_directory_holds_config_metrics_checkpoints_and_sae(tmp_path):
     from sae_jax.formats import load_sae
 
     result = train(tiny(tmp_path), progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["checkpoints", "config.yaml", "eval.json", "metrics.jsonl", "sae"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "checkpoints",
+        "config.yaml",
+        "eval.json",
+        "metrics.jsonl",
+        "sae",
+    ]
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20, 30]
     loaded = load_sae(tmp_path / "sae")
     assert loaded.spec.input_scale == 1.0

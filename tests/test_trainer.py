@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from sae_jax.config import load_config
-from sae_jax.sae import SAEParams
 from sae_jax.trainer import init_state, l1_schedule, loss_and_grads, lr_schedule, make_step, spec_from_config
 
 
@@ -64,11 +63,15 @@ def test_topk_step_gradients_equal_reference_with_dead_latents():
     cfg = small("topk")
     dead = np.zeros(32, bool)
     dead[::3] = True
-    state = dataclasses.replace(random_state(cfg), since_fired=jnp.where(dead, cfg.train.dead_tokens, 0).astype(jnp.int32))
+    state = dataclasses.replace(
+        random_state(cfg), since_fired=jnp.where(dead, cfg.train.dead_tokens, 0).astype(jnp.int32)
+    )
     x = jnp.asarray(np.random.default_rng(2).standard_normal((16, 8)).astype(np.float32))
     (loss, (_, parts)), grads = loss_and_grads(state, x, spec_from_config(cfg), cfg.train)
     assert float(parts.auxk) > 0
-    ref_loss, ref_grads = jax.value_and_grad(reference_topk_loss)(state.params, x, 3, jnp.asarray(dead), 4, cfg.train.auxk_coefficient)
+    ref_loss, ref_grads = jax.value_and_grad(reference_topk_loss)(
+        state.params, x, 3, jnp.asarray(dead), 4, cfg.train.auxk_coefficient
+    )
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         np.testing.assert_allclose(getattr(grads, name), getattr(ref_grads, name), rtol=1e-4, atol=1e-6)

@@ -102,11 +102,13 @@ def unit_norm_decoder(s: "SAEConfig") -> bool:
 
 
 def init(key: jax.Array, spec: SAESpec, s: "SAEConfig") -> SAEParams:
-    """The April-2024 init (`sae.init_params`); unit-norm decoder rows for unit-norm recipes; the threshold for jumprelu."""
+    """The April-2024 init (`sae.init_params`); unit-norm rows for unit-norm recipes; jumprelu's threshold."""
     recipe = get(s.architecture)
     params = init_params(key, spec, 1.0 if unit_norm_decoder(s) else s.dec_init_norm)
     if spec.architecture == "jumprelu":
-        params = dataclasses.replace(params, threshold=jnp.full((spec.n_latents,), recipe.init_threshold(s), jnp.float32))
+        params = dataclasses.replace(
+            params, threshold=jnp.full((spec.n_latents,), recipe.init_threshold(s), jnp.float32)
+        )
     return params
 
 

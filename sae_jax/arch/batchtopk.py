@@ -54,6 +54,10 @@ def update_threshold(params, out: Forward, s):
 
 
 RECIPE = Recipe(
-    name="batchtopk", inference="jumprelu", loss=loss, needs_k=True,
-    init_threshold=lambda s: 0.0, update=update_threshold,
+    name="batchtopk",
+    inference="jumprelu",
+    loss=loss,
+    needs_k=True,
+    init_threshold=lambda s: 0.0,
+    update=update_threshold,
 )

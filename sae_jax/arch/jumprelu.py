@@ -93,6 +93,9 @@ def clamp_threshold(params, out, s):
 
 
 RECIPE = Recipe(
-    name="jumprelu", inference="jumprelu", loss=loss, init_threshold=lambda s: s.jumprelu_init_threshold,
+    name="jumprelu",
+    inference="jumprelu",
+    loss=loss,
+    init_threshold=lambda s: s.jumprelu_init_threshold,
     update=clamp_threshold,
 )

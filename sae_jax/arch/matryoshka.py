@@ -33,6 +33,10 @@ def loss(params, spec, x, ctx):
 
 
 RECIPE = Recipe(
-    name="matryoshka", inference="jumprelu", loss=loss, needs_k=True,
-    init_threshold=lambda s: 0.0, update=batchtopk.update_threshold,
+    name="matryoshka",
+    inference="jumprelu",
+    loss=loss,
+    needs_k=True,
+    init_threshold=lambda s: 0.0,
+    update=batchtopk.update_threshold,
 )

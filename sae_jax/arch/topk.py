@@ -14,8 +14,15 @@ from sae_jax.loss import sae_loss
 def loss(params, spec, x, ctx):
     t = ctx.t
     return sae_loss(
-        params, spec, x, l1_coefficient=0.0, dead=ctx.dead, auxk_k=t.auxk_k, auxk_coefficient=t.auxk_coefficient,
-        compute_dtype=t.compute_dtype, auxk_normalize=ctx.s.auxk_normalize,
+        params,
+        spec,
+        x,
+        l1_coefficient=0.0,
+        dead=ctx.dead,
+        auxk_k=t.auxk_k,
+        auxk_coefficient=t.auxk_coefficient,
+        compute_dtype=t.compute_dtype,
+        auxk_normalize=ctx.s.auxk_normalize,
     )
 
 

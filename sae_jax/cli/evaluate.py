@@ -16,8 +16,12 @@ from sae_jax.cli.session import add_args, say
 
 
 def add(sub) -> None:
-    p = sub.add_parser("evaluate", help="evaluate an SAE in its model on held-out text", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate an SAE in its model on held-out text",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_args(p, model_required=False)
     p.add_argument("--config", help="a train config: its data.model, data.text and run.out_dir/sae are the defaults")
     p.add_argument("--data", help="held-out text: a local .jsonl/.json/.parquet file or a hub dataset id")
@@ -25,16 +29,22 @@ def add(sub) -> None:
     p.add_argument("--split", help="dataset split (default: train)")
     p.add_argument("--context-size", type=int, help="tokens per sequence (default 1024, or the config's)")
     p.add_argument("--seqs", type=int, help="sequences per forward pass (default 8, or the config's)")
-    p.add_argument("--skip-rows", type=int, default=0, help="start this many rows into the data (hold out what training read)")
+    p.add_argument(
+        "--skip-rows", type=int, default=0, help="start this many rows into the data (hold out what training read)"
+    )
     p.add_argument("--tokens", type=int, default=100_000, help="kept tokens to evaluate on (default 100000)")
-    p.add_argument("--no-lm", action="store_true", help="skip the LM losses (reconstruction, density and site check only)")
-    p.add_argument("--dense-threshold", type=float, default=0.1, help="a latent firing on more than this fraction is dense")
+    p.add_argument(
+        "--no-lm", action="store_true", help="skip the LM losses (reconstruction, density and site check only)"
+    )
+    p.add_argument(
+        "--dense-threshold", type=float, default=0.1, help="a latent firing on more than this fraction is dense"
+    )
     p.add_argument("--out", help="folder to write eval.json, feature_density.npy and feature_density.png")
 
 
 def run(args: argparse.Namespace) -> int:
-    from sae_jax.config import TextConfig, load_config
     from sae_jax.cli.session import load_checked_tokenizer, open_session, tokenizer_name
+    from sae_jax.config import TextConfig, load_config
 
     text = TextConfig()
     if args.config:
@@ -48,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--sae", args.sae), ("--model", args.model)):
         if not value:
             raise ValueError(f"{name}: expected a path (or --config), found none")
-    changes = dict(path=args.data, field=args.field, split=args.split, context_size=args.context_size,
-                   seqs_per_batch=args.seqs)
+    changes = dict(
+        path=args.data, field=args.field, split=args.split, context_size=args.context_size, seqs_per_batch=args.seqs
+    )
     changes = {k: v for k, v in changes.items() if v is not None}
     changes["tokenizer"] = args.tokenizer or (text.tokenizer if args.config else tokenizer_name(args.model, None))
     text = dataclasses.replace(text, **changes)
@@ -60,8 +71,15 @@ def run(args: argparse.Namespace) -> int:
     s = open_session(args)
     tok = load_checked_tokenizer(text.tokenizer, s.model)
     say(f"evaluating on {args.tokens} tokens of {text.path}")
-    result = evaluate(s.model, s.sae, text_batches(text, args.skip_rows, tok), args.tokens, lm=not args.no_lm,
-                      dense_threshold=args.dense_threshold, progress=True)
+    result = evaluate(
+        s.model,
+        s.sae,
+        text_batches(text, args.skip_rows, tok),
+        args.tokens,
+        lm=not args.no_lm,
+        dense_threshold=args.dense_threshold,
+        progress=True,
+    )
     print(f"SAE {args.sae} on {args.model}, data {text.path}")
     print(result.table())
     if args.out:

@@ -17,8 +17,12 @@ from sae_jax.cli.session import add_args, say
 
 
 def add(sub) -> None:
-    p = sub.add_parser("inspect", help="top features of a conversation, or top contexts of features",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "inspect",
+        help="top features of a conversation, or top contexts of features",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     views = p.add_subparsers(dest="view", metavar="VIEW", required=True)
     chat = views.add_parser("chat", help="top features of one conversation, token by token")
     add_args(chat)
@@ -28,8 +32,12 @@ def add(sub) -> None:
     chat.add_argument("--assistant", help="the assistant's reply")
     chat.add_argument("--top", type=int, default=10, help="how many top features (default 10)")
     chat.add_argument("--threshold", type=float, default=0.0, help="show a feature on a token when above this")
-    chat.add_argument("--role", choices=("system", "user", "assistant"), default="assistant",
-                      help="whose tokens to average over (default assistant)")
+    chat.add_argument(
+        "--role",
+        choices=("system", "user", "assistant"),
+        default="assistant",
+        help="whose tokens to average over (default assistant)",
+    )
     ctx = views.add_parser("contexts", help="top-activating contexts of features over a dataset")
     add_args(ctx)
     ctx.add_argument("--data", required=True, help="a local .jsonl/.json/.parquet file or a hub dataset id")
@@ -53,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
         given = (("system", args.system), ("user", args.user), ("assistant", args.assistant))
         turns = [{"role": r, "content": c} for r, c in given if c]
         if bool(args.conversation) == bool(turns):
-            raise ValueError("conversation: expected --conversation FILE or --user/--assistant/--system text, found "
-                             + ("both" if turns else "neither"))
+            raise ValueError(
+                "conversation: expected --conversation FILE or --user/--assistant/--system text, found "
+                + ("both" if turns else "neither")
+            )
         conversation = read_conversation(args.conversation) if args.conversation else turns
         s = open_session(args)
         from sae_jax.chat import format_chat
@@ -67,15 +77,29 @@ def run(args: argparse.Namespace) -> int:
     from sae_jax.config import TextConfig
     from sae_jax.evaluate import text_batches
 
-    text = TextConfig(path=args.data, field=args.field, context_size=args.context_size, seqs_per_batch=args.seqs,
-                      tokenizer=tokenizer_name(args.model, args.tokenizer))
+    text = TextConfig(
+        path=args.data,
+        field=args.field,
+        context_size=args.context_size,
+        seqs_per_batch=args.seqs,
+        tokenizer=tokenizer_name(args.model, args.tokenizer),
+    )
     text.check("data")
     s = open_session(args)
     for i in args.feature:
         check_feature(s.sae, i)
     tok = load_checked_tokenizer(text.tokenizer, s.model)
     say(f"scanning {args.tokens} tokens of {args.data} for {len(args.feature)} features")
-    found = F.top_contexts(s.model, s.sae, text_batches(text, 0, tok), args.feature, args.tokens,
-                           top=args.top, before=args.before, after=args.after, progress=True)
+    found = F.top_contexts(
+        s.model,
+        s.sae,
+        text_batches(text, 0, tok),
+        args.feature,
+        args.tokens,
+        top=args.top,
+        before=args.before,
+        after=args.after,
+        progress=True,
+    )
     print(F.format_contexts(found, tok))
     return 0

@@ -13,7 +13,9 @@ def add(sub) -> None:
     p = sub.add_parser("plot", help="plot training curves of one or more runs", description=__doc__)
     p.add_argument("metrics", nargs="+", help="run directories (their metrics.jsonl) or metrics.jsonl files")
     p.add_argument("--out", help="PNG to write (default: training_curves.png beside the first run's metrics.jsonl)")
-    p.add_argument("--metric", action="append", help="a metric to plot; repeat for several (default: the standard ones)")
+    p.add_argument(
+        "--metric", action="append", help="a metric to plot; repeat for several (default: the standard ones)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

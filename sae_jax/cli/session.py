@@ -33,12 +33,24 @@ def sae_path(path: str) -> str:
 
 
 def add_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    p.add_argument("--sae", required=model_required, help="the SAE: a sae-jax folder, release .pt/.safetensors, or a SAELens folder")
-    p.add_argument("--model", required=model_required, help="a local Hugging Face Llama folder (config.json + model.safetensors)")
+    p.add_argument(
+        "--sae",
+        required=model_required,
+        help="the SAE: a sae-jax folder, release .pt/.safetensors, or a SAELens folder",
+    )
+    p.add_argument(
+        "--model", required=model_required, help="a local Hugging Face Llama folder (config.json + model.safetensors)"
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of the model (default float32)")
     p.add_argument("--hook-layer", type=int, help="override the SAE's hook layer")
-    p.add_argument("--hook-site", choices=SITES, help="override the SAE's hook site (input: entering the layer; output: leaving it)")
-    p.add_argument("--tokenizer", help="tokenizer folder or 'llama3-offline' (default: the model folder's, else llama3-offline)")
+    p.add_argument(
+        "--hook-site",
+        choices=SITES,
+        help="override the SAE's hook site (input: entering the layer; output: leaving it)",
+    )
+    p.add_argument(
+        "--tokenizer", help="tokenizer folder or 'llama3-offline' (default: the model folder's, else llama3-offline)"
+    )
 
 
 def tokenizer_name(model_dir: str | Path, name: str | None) -> str:
@@ -68,5 +80,7 @@ def load_checked_tokenizer(name: str, model):
 
     tok = load_tokenizer(name)
     if len(tok) > model.config.vocab_size:
-        raise ValueError(f"tokenizer {name}: expected at most the model's vocab_size {model.config.vocab_size} ids, found {len(tok)}")
+        raise ValueError(
+            f"tokenizer {name}: expected at most the model's vocab_size {model.config.vocab_size} ids, found {len(tok)}"
+        )
     return tok

@@ -15,13 +15,19 @@ from sae_jax.cli.session import add_args
 
 
 def add(sub) -> None:
-    p = sub.add_parser("steer", help="generate with one latent steered", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "steer",
+        help="generate with one latent steered",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_args(p)
     p.add_argument("--prompt", required=True, help="the user's message")
     p.add_argument("--feature", type=int, required=True, help="the latent to steer")
     p.add_argument("--alpha", type=float, action="append", required=True, help="steering strength; repeat for several")
-    p.add_argument("--mode", choices=("add", "clamp"), default="add", help="add alpha to the latent, or clamp it to alpha")
+    p.add_argument(
+        "--mode", choices=("add", "clamp"), default="add", help="add alpha to the latent, or clamp it to alpha"
+    )
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
     p.add_argument("--raw", action="store_true", help="no chat format: BOS + the prompt text")
 
@@ -29,9 +35,9 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from sae_jax.attach import check_feature
     from sae_jax.chat import format_chat
     from sae_jax.cli.session import load_checked_tokenizer, open_session
-    from sae_jax.attach import check_feature
     from sae_jax.llama.generate import generate
     from sae_jax.steer import steering_edit
 

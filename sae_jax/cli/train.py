@@ -70,7 +70,12 @@ def held_out_line(e: dict, n_latents: int) -> str:
     """eval.json in one line a reader can judge the SAE by (two on synthetic data: the ground-truth scores)."""
     from sae_jax.groundtruth import summary
 
-    parts = [f"explained variance {e['explained_variance']:.4f}", f"L0 {e['l0']:.1f} of {n_latents} latents",
-             f"dead {100 * e['dead_fraction']:.1f}%", f"dense {100 * e['dense_fraction']:.1f}%", f"MSE {e['mse']:.4g}"]
+    parts = [
+        f"explained variance {e['explained_variance']:.4f}",
+        f"L0 {e['l0']:.1f} of {n_latents} latents",
+        f"dead {100 * e['dead_fraction']:.1f}%",
+        f"dense {100 * e['dense_fraction']:.1f}%",
+        f"MSE {e['mse']:.4g}",
+    ]
     line = f"held-out ({e['tokens']} unseen tokens, raw units): " + ", ".join(parts)
     return line + ("\n" + summary(e["ground_truth"]) if "ground_truth" in e else "")

@@ -35,7 +35,9 @@ def llama_source(cfg: Config) -> Source:
     if s.d_in != hidden:
         raise ConfigError(f"sae.d_in: expected the hidden size of {d.model.path}, {hidden}, found {s.d_in}")
     if not 0 <= s.hook_layer < layers:
-        raise ConfigError(f"sae.hook_layer: expected 0 <= layer < {layers} (the layers of {d.model.path}), found {s.hook_layer}")
+        raise ConfigError(
+            f"sae.hook_layer: expected 0 <= layer < {layers} (the layers of {d.model.path}), found {s.hook_layer}"
+        )
     harvest = llama_harvest(model, s.hook_layer, s.hook_site)
     return ActivationSource(TextSource(d.text), harvest, s.d_in, d.batch_size, d.seed)
 

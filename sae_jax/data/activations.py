@@ -38,8 +38,15 @@ def llama_harvest(model, layer: int, site: str = "input") -> Harvest:
 class ActivationSource:
     """A `Source` of [B, D] float32 activations of kept tokens, shuffled over a C-token buffer."""
 
-    def __init__(self, text: TextSource, harvest: Harvest, d_in: int, batch_size: int, seed: int,
-                 buffer_tokens: int | None = None):
+    def __init__(
+        self,
+        text: TextSource,
+        harvest: Harvest,
+        d_in: int,
+        batch_size: int,
+        seed: int,
+        buffer_tokens: int | None = None,
+    ):
         """`buffer_tokens` (C) defaults to `text.cfg.buffer_tokens`."""
         buffer_tokens = text.cfg.buffer_tokens if buffer_tokens is None else buffer_tokens
         if buffer_tokens < 2:
@@ -115,5 +122,7 @@ class ActivationSource:
     def _gather(self, acts, keep: np.ndarray) -> np.ndarray:
         acts = np.asarray(acts)
         if acts.shape != (*keep.shape, self.d_in):
-            raise ValueError(f"harvest: expected activations of shape {[*keep.shape, self.d_in]}, found {list(acts.shape)}")
+            raise ValueError(
+                f"harvest: expected activations of shape {[*keep.shape, self.d_in]}, found {list(acts.shape)}"
+            )
         return acts[keep].astype(np.float32, copy=False)

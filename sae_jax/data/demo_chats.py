@@ -43,8 +43,13 @@ SENTENCES = (
 def _fill(rng: np.random.Generator, template: str) -> str:
     nouns = rng.choice(NOUNS, 3, replace=False)
     return template.format(
-        noun=nouns[0], noun2=nouns[1], noun3=nouns[2], adj=rng.choice(ADJECTIVES),
-        verb=rng.choice(VERBS), n=int(rng.integers(2, 10)), n2=int(rng.integers(10, 1000)),
+        noun=nouns[0],
+        noun2=nouns[1],
+        noun3=nouns[2],
+        adj=rng.choice(ADJECTIVES),
+        verb=rng.choice(VERBS),
+        n=int(rng.integers(2, 10)),
+        n2=int(rng.integers(10, 1000)),
     )
 
 
@@ -68,7 +73,12 @@ def write_demo_chats(path: str | Path, n_rows: int, seed: int = 0) -> Path:
     with path.open("w", encoding="utf-8") as f:
         for i in range(n_rows):
             conv = demo_conversation(rng)
-            row = {"conversation_id": f"demo-{seed}-{i}", "model": "demo", "turn": len(conv) // 2,
-                   "language": "English", "conversation": conv}
+            row = {
+                "conversation_id": f"demo-{seed}-{i}",
+                "model": "demo",
+                "turn": len(conv) // 2,
+                "language": "English",
+                "conversation": conv,
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path

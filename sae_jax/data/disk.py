@@ -45,7 +45,9 @@ def open_shard(file: Path, key: str, d_in: int) -> np.ndarray:
     except DataError:
         raise
     except (OSError, ValueError, SafetensorError) as e:
-        raise DataError(f"{file}: unreadable activation shard ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise DataError(
+            f"{file}: unreadable activation shard ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     if arr.ndim != 2 or arr.shape[1] != d_in or arr.shape[0] == 0:
         raise DataError(f"{file}: expected shape [T, {d_in}] with T > 0, found {list(arr.shape)}")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -66,7 +68,11 @@ class DiskSource:
         if self._cached is None or self._cached[0] != key:
             arr = open_shard(self.files[self.shard], self.cfg.key, self.d_in)
             n = arr.shape[0]
-            order = np.random.default_rng([self.seed, self.epoch, self.shard]).permutation(n) if self.cfg.shuffle else np.arange(n)
+            order = (
+                np.random.default_rng([self.seed, self.epoch, self.shard]).permutation(n)
+                if self.cfg.shuffle
+                else np.arange(n)
+            )
             self._cached = (key, arr, order)
         return self._cached[1], self._cached[2]
 

@@ -105,7 +105,9 @@ class SyntheticSource:
         child = self.parents >= 0
         if child.any():
             # A child fires only with its parent, then with probability child_prob.
-            on[:, child] = on[:, self.parents[child]] & (rng.random((B, int(child.sum())), dtype=np.float32) < cfg.hierarchy_child_prob)
+            on[:, child] = on[:, self.parents[child]] & (
+                rng.random((B, int(child.sum())), dtype=np.float32) < cfg.hierarchy_child_prob
+            )
         mags = (rng.random((B, n), dtype=np.float32) + np.float32(0.5)) * self.scales  # Uniform(0.5, 1.5)
         return np.where(on, mags, np.float32(0))
 

@@ -13,7 +13,6 @@ row already emitted (only ever non-zero with `pack`).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -21,7 +20,8 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from sae_jax.chat import ChatFormatter, check_turn
-from sae_jax.config import TEXT_FILE_SUFFIXES as FILE_BUILDERS, TextConfig
+from sae_jax.config import TEXT_FILE_SUFFIXES as FILE_BUILDERS
+from sae_jax.config import TextConfig
 from sae_jax.tokenizer import load_tokenizer, special_ids
 
 READ_ROWS = 64  # rows tokenized per tokenizer call (the Rust tokenizer spreads a call over cores)
@@ -43,8 +43,13 @@ def open_rows(cfg: TextConfig):
             raise FileNotFoundError(f"{cfg.path}: no such file")
         if local.suffix not in FILE_BUILDERS:
             raise ValueError(f"{cfg.path}: expected a .jsonl, .json or .parquet file, found suffix {local.suffix!r}")
-        return datasets.load_dataset(FILE_BUILDERS[local.suffix], data_files=str(local), split="train",
-                                     streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+        return datasets.load_dataset(
+            FILE_BUILDERS[local.suffix],
+            data_files=str(local),
+            split="train",
+            streaming=cfg.streaming,
+            cache_dir=cfg.cache_dir,
+        )
     return datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
 
 
@@ -167,6 +172,7 @@ class TextSource:
             except ValueError as e:
                 raise ValueError(f"{where} field {self.cfg.field!r}: {e}") from None
         elif not isinstance(value, str):
-            raise ValueError(f"{where} field {self.cfg.field!r}: expected a string or a list of turns, "
-                             f"found {type(value).__name__}")
+            raise ValueError(
+                f"{where} field {self.cfg.field!r}: expected a string or a list of turns, found {type(value).__name__}"
+            )
         return value

@@ -19,6 +19,7 @@ write goes to a temporary sibling renamed into place at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,12 +27,23 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from sae_jax.atomic import atomic_dir, atomic_file
-import dataclasses
-
 from sae_jax.formats import saelens, sparsify
 from sae_jax.formats.common import (
-    SAEFormatError, cause, check_sae, dtype_name, error, first_line, fold_input_scale_exactly, fold_pre_bias,
-    from_numpy, metadata_of, metadata_text, read_json_object, rounded, to_numpy, widened,
+    SAEFormatError,
+    cause,
+    check_sae,
+    dtype_name,
+    error,
+    first_line,
+    fold_input_scale_exactly,
+    fold_pre_bias,
+    from_numpy,
+    metadata_of,
+    metadata_text,
+    read_json_object,
+    rounded,
+    to_numpy,
+    widened,
 )
 from sae_jax.formats.native import load_jax, quiet_orbax, write_jax
 from sae_jax.formats.release import load_release, write_release
@@ -44,7 +56,14 @@ FORMATS = ("jax", "pt", "safetensors", "saelens", "sparsify")
 _FOLDERS = ("jax", "saelens", "sparsify")
 
 __all__ = [
-    "FORMATS", "SAEFormatError", "detect_format", "hook_name", "load_sae", "parse_hook_name", "quiet_orbax", "save_sae",
+    "FORMATS",
+    "SAEFormatError",
+    "detect_format",
+    "hook_name",
+    "load_sae",
+    "parse_hook_name",
+    "quiet_orbax",
+    "save_sae",
 ]
 
 
@@ -58,8 +77,12 @@ def detect_format(path: str | Path) -> str:
             return _saelens_or_sparsify(path)
         hookpoints = sparsify.run_folder_hookpoints(path)
         if hookpoints:
-            raise error(path, "contents", "one SAE; this is a sparsify run folder: pass one of its hookpoint folders",
-                        ", ".join(hookpoints[:8]))
+            raise error(
+                path,
+                "contents",
+                "one SAE; this is a sparsify run folder: pass one of its hookpoint folders",
+                ", ".join(hookpoints[:8]),
+            )
         expected = "spec.json (sae-jax) or cfg.json (SAELens, sparsify)"
         raise error(path, "contents", expected, sorted(p.name for p in path.iterdir())[:8])
     if not path.exists():
@@ -123,8 +146,12 @@ def save_sae(
     check_sae(sae, path)
     target = sae.spec.dtype if dtype is None else dtype_name(dtype, path)
     if format in ("pt", "safetensors") and sae.spec.architecture != "relu":
-        raise error(path, "architecture", f"relu for format {format} (topk and jumprelu fit saelens or jax)",
-                    sae.spec.architecture)
+        raise error(
+            path,
+            "architecture",
+            f"relu for format {format} (topk and jumprelu fit saelens or jax)",
+            sae.spec.architecture,
+        )
     if format == "sparsify":
         sparsify.check_writable(sae, path)
     if format == "saelens":
@@ -162,12 +189,15 @@ def _exported(sae: SAE, path: Path, format: str, dtype: str) -> SAE:
     if (scale or remove or add) and dtype != "float32" and not exact:
         key, found = ("input_scale", spec.input_scale) if scale else ("apply_b_dec_to_input", spec.apply_b_dec_to_input)
         what = "the scale" if scale else "b_dec @ W_enc into b_enc"
-        expected = (f"a fold {dtype} holds exactly for format {format} (folding {what} would round the {dtype} "
-                    "weights and change the codes; write float32 with dtype=/--dtype, or the jax format)")
+        expected = (
+            f"a fold {dtype} holds exactly for format {format} (folding {what} would round the {dtype} "
+            "weights and change the codes; write float32 with dtype=/--dtype, or the jax format)"
+        )
         raise error(path, key, expected, found)
     apply_b_dec = format == "sparsify" or (spec.apply_b_dec_to_input and not remove)
-    spec = dataclasses.replace(spec, dtype=dtype, input_scale=1.0 if scale else spec.input_scale,
-                               apply_b_dec_to_input=apply_b_dec)
+    spec = dataclasses.replace(
+        spec, dtype=dtype, input_scale=1.0 if scale else spec.input_scale, apply_b_dec_to_input=apply_b_dec
+    )
     return SAE(from_numpy(arrays), spec)
 
 

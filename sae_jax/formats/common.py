@@ -74,7 +74,7 @@ def from_numpy(arrays: Mapping[str, np.ndarray]) -> SAEParams:
 
 
 def dtype_name(dtype, where: str | Path = "dtype") -> str:
-    """"float32", "bfloat16" or "float16" from a string, numpy or JAX dtype; else a one-line SAEFormatError."""
+    """ "float32", "bfloat16" or "float16" from a string, numpy or JAX dtype; else a one-line SAEFormatError."""
     try:
         name = jnp.dtype(dtype).name
     except TypeError:
@@ -168,7 +168,9 @@ def check_sae(sae: SAE, where: str | Path) -> None:
     arrays = to_numpy(sae.params)
     for name, a in arrays.items():
         if np.dtype(a.dtype).name != sae.spec.dtype:
-            raise error(where, name, f"dtype {sae.spec.dtype} (spec.dtype; use sae_jax.sae.cast)", np.dtype(a.dtype).name)
+            raise error(
+                where, name, f"dtype {sae.spec.dtype} (spec.dtype; use sae_jax.sae.cast)", np.dtype(a.dtype).name
+            )
     check_tensors(where, arrays, sae.spec.shapes())
 
 

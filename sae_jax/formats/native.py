@@ -21,7 +21,15 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sae_jax.formats.common import (
-    SAEFormatError, check_finite, error, first_line, make_spec, metadata_of, metadata_text, read_json_object, with_hook,
+    SAEFormatError,
+    check_finite,
+    error,
+    first_line,
+    make_spec,
+    metadata_of,
+    metadata_text,
+    read_json_object,
+    with_hook,
 )
 from sae_jax.sae import SAE, SAEParams, SAESpec, Site
 
@@ -38,7 +46,9 @@ def write_jax(sae: SAE, folder: Path) -> None:
     params = {name: getattr(sae.params, name) for name in sae.spec.shapes()}
     # This process alone writes (process 0 of a multi-process run): orbax must not wait for the others.
     alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
-    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:  # leaving the block waits for the async write
+    with ocp.StandardCheckpointer(
+        multiprocessing_options=alone
+    ) as ckptr:  # leaving the block waits for the async write
         ckptr.save((folder / PARAMS).absolute(), params)
 
 
@@ -55,7 +65,9 @@ def load_jax(folder: Path, hook_layer: int | None = None, hook_site: Site | None
         with ocp.StandardCheckpointer() as ckptr:
             stored = ckptr.metadata(params_dir).item_metadata
             if stored is None:
-                raise SAEFormatError(f"{params_dir}: unreadable orbax checkpoint (its array metadata is missing or damaged)")
+                raise SAEFormatError(
+                    f"{params_dir}: unreadable orbax checkpoint (its array metadata is missing or damaged)"
+                )
             _check_stored(params_dir, stored.tree, spec)
             target = {n: jax.ShapeDtypeStruct(s, jnp.dtype(spec.dtype)) for n, s in spec.shapes().items()}
             restored = ckptr.restore(params_dir, target)
@@ -93,15 +105,30 @@ def _read_spec(path: Path) -> SAESpec:
 # What spec.json may hold for each SAESpec field (SAESpec itself checks the values it can).
 _ANY = lambda v: True
 _JSON_TYPES = {
-    "architecture": (str, _ANY), "d_in": (int, _ANY), "n_latents": (int, _ANY), "k": ((int, type(None)), _ANY),
-    "hook_layer": (int, lambda v: v >= 0), "hook_site": (str, _ANY), "dtype": (str, _ANY),
-    "input_scale": ((int, float), lambda v: abs(v) < 1e300), "source": (str, _ANY),
-    "apply_b_dec_to_input": (bool, _ANY), "metadata": (dict, _ANY),
+    "architecture": (str, _ANY),
+    "d_in": (int, _ANY),
+    "n_latents": (int, _ANY),
+    "k": ((int, type(None)), _ANY),
+    "hook_layer": (int, lambda v: v >= 0),
+    "hook_site": (str, _ANY),
+    "dtype": (str, _ANY),
+    "input_scale": ((int, float), lambda v: abs(v) < 1e300),
+    "source": (str, _ANY),
+    "apply_b_dec_to_input": (bool, _ANY),
+    "metadata": (dict, _ANY),
 }
 _JSON_TYPE_NAMES = {
-    "architecture": "a string", "d_in": "an integer", "n_latents": "an integer", "k": "an integer or null",
-    "hook_layer": "an integer >= 0", "hook_site": "a string", "dtype": "a string", "input_scale": "a finite number",
-    "source": "a string", "apply_b_dec_to_input": "true or false", "metadata": "a JSON object",
+    "architecture": "a string",
+    "d_in": "an integer",
+    "n_latents": "an integer",
+    "k": "an integer or null",
+    "hook_layer": "an integer >= 0",
+    "hook_site": "a string",
+    "dtype": "a string",
+    "input_scale": "a finite number",
+    "source": "a string",
+    "apply_b_dec_to_input": "true or false",
+    "metadata": "a JSON object",
 }
 
 

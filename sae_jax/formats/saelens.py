@@ -36,9 +36,18 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax.formats.common import (
+    SAEFormatError,
+    check_tensors,
+    error,
+    from_numpy,
+    make_spec,
+    metadata_of,
+    metadata_text,
+    narrowed,
     positive_int,
-    SAEFormatError, check_tensors, error, from_numpy, make_spec, metadata_of, metadata_text, narrowed, read_json_object,
-    to_numpy, widened,
+    read_json_object,
+    to_numpy,
+    widened,
 )
 from sae_jax.formats.tensorfile import read_tensors, write_tensors
 from sae_jax.sae import SAE, SAESpec, Site
@@ -52,9 +61,23 @@ _SITE = {"pre": "input", "post": "output"}
 _WRITE_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
 # SAELens's LLM_METADATA_KEYS: top-level fields a pre-6.0 config carries as metadata.
 _PRE6_METADATA = (
-    "model_name", "hook_name", "model_class_name", "hook_head_index", "model_from_pretrained_kwargs", "prepend_bos",
-    "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path", "sae_lens_version",
-    "sae_lens_training_version", "hook_name_out", "hook_head_index_out", "hf_hook_name", "hf_hook_name_out",
+    "model_name",
+    "hook_name",
+    "model_class_name",
+    "hook_head_index",
+    "model_from_pretrained_kwargs",
+    "prepend_bos",
+    "exclude_special_tokens",
+    "neuronpedia_id",
+    "context_size",
+    "seqpos_slice",
+    "dataset_path",
+    "sae_lens_version",
+    "sae_lens_training_version",
+    "hook_name_out",
+    "hook_head_index_out",
+    "hf_hook_name",
+    "hf_hook_name_out",
 )
 _PRE6_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index"}
 _NORMALIZE_REFUSAL = (
@@ -100,8 +123,16 @@ def load_saelens(folder: Path, hook_layer: int | None = None, hook_site: Site | 
     if meta.get("hook_name") is not None and parse_hook_name(meta["hook_name"]) != (layer, site):
         meta["hook_name"] = f"blocks.{layer}.hook_resid_{'pre' if site == 'input' else 'post'}"  # overridden
     spec = make_spec(
-        cfg_path, architecture=architecture, d_in=D, n_latents=N, k=k, hook_layer=layer, hook_site=site, dtype=dtype,
-        source=str(folder), apply_b_dec_to_input=_flag(cfg_path, cfg, "apply_b_dec_to_input", True),
+        cfg_path,
+        architecture=architecture,
+        d_in=D,
+        n_latents=N,
+        k=k,
+        hook_layer=layer,
+        hook_site=site,
+        dtype=dtype,
+        source=str(folder),
+        apply_b_dec_to_input=_flag(cfg_path, cfg, "apply_b_dec_to_input", True),
         metadata=metadata_text(cfg_path, meta),
     )
     return SAE(from_numpy(arrays), spec)
@@ -178,8 +209,11 @@ def _architecture(path: Path, cfg: dict) -> tuple[str, int | None]:
     elif fn not in ("relu", "topk"):
         raise error(path, key, '"relu" or "topk"', json.dumps(fn))
     if not isinstance(arch, str) or arch not in ("standard", "topk", "jumprelu", "gated"):  # a list is no dict key
-        hint = " (BatchTopK and Matryoshka SAEs are saved for inference as jumprelu)" if arch in (
-            "batchtopk", "matryoshka_batchtopk") else ""
+        hint = (
+            " (BatchTopK and Matryoshka SAEs are saved for inference as jumprelu)"
+            if arch in ("batchtopk", "matryoshka_batchtopk")
+            else ""
+        )
         raise error(path, "architecture", f'"standard", "topk", "jumprelu" or "gated"{hint}', json.dumps(arch))
     return arch, positive_int(path, cfg, "k") if arch == "topk" else None
 
@@ -190,8 +224,12 @@ def _check_math(path: Path, cfg: dict, meta: dict, arch: str) -> None:
     if norm not in ("none", None, False):
         raise error(path, "normalize_activations", _NORMALIZE_REFUSAL, json.dumps(norm))
     if cfg.get("reshape_activations", "none") not in ("none", None):
-        raise error(path, "reshape_activations", '"none" (sae-jax reads the residual stream, not hook_z)',
-                    json.dumps(cfg["reshape_activations"]))
+        raise error(
+            path,
+            "reshape_activations",
+            '"none" (sae-jax reads the residual stream, not hook_z)',
+            json.dumps(cfg["reshape_activations"]),
+        )
     for key in ("hook_head_index", "hook_point_head_index"):
         value = cfg.get(key, meta.get(key))
         if value is not None:
@@ -243,8 +281,13 @@ def _gated_as_jumprelu(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     pre > b_mag - e^r b_gate, a jump threshold; clamped at 0 it also does the relu."""
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported when rounded
         e = np.exp(a["r_mag"])
-        return {"W_enc": a["W_enc"] * e, "b_enc": a["b_mag"], "W_dec": a["W_dec"], "b_dec": a["b_dec"],
-                "threshold": np.maximum(a["b_mag"] - e * a["b_gate"], 0.0)}
+        return {
+            "W_enc": a["W_enc"] * e,
+            "b_enc": a["b_mag"],
+            "W_dec": a["W_dec"],
+            "b_dec": a["b_dec"],
+            "threshold": np.maximum(a["b_mag"] - e * a["b_gate"], 0.0),
+        }
 
 
 def _hook(path: Path, meta: dict, hook_layer: int | None, hook_site: Site | None) -> tuple[int, Site]:
@@ -259,5 +302,13 @@ def _hook(path: Path, meta: dict, hook_layer: int | None, hook_site: Site | None
     return (hook_layer if hook_layer is not None else parsed[0]), (hook_site or parsed[1])
 
 
-__all__ = ["CFG", "WEIGHTS", "SAEFormatError", "check_writable", "hook_name", "load_saelens", "parse_hook_name",
-           "write_saelens"]
+__all__ = [
+    "CFG",
+    "WEIGHTS",
+    "SAEFormatError",
+    "check_writable",
+    "hook_name",
+    "load_saelens",
+    "parse_hook_name",
+    "write_saelens",
+]

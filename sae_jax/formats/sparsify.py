@@ -22,9 +22,18 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax.formats.common import (
+    check_tensors,
+    error,
+    from_numpy,
+    make_spec,
+    metadata_of,
+    metadata_text,
+    narrowed,
     positive_int,
-    check_tensors, error, from_numpy, make_spec, metadata_of, metadata_text, narrowed, read_json_object, to_numpy,
-    transposed, widened,
+    read_json_object,
+    to_numpy,
+    transposed,
+    widened,
 )
 from sae_jax.formats.saelens import hook_name, parse_hook_name
 from sae_jax.formats.tensorfile import read_tensors, write_tensors
@@ -63,8 +72,12 @@ def load_sparsify(folder: Path, hook_layer: int | None = None, hook_site: Site |
         if cfg.get(key, False) is not False:
             raise error(cfg_path, key, _NOT_AN_SAE.format(what=what), json.dumps(cfg[key]))
     if cfg.get("activation", "topk") != "topk":
-        raise error(cfg_path, "activation", '"topk" (sparsify\'s groupmax has no sae-jax architecture)',
-                    json.dumps(cfg["activation"]))
+        raise error(
+            cfg_path,
+            "activation",
+            '"topk" (sparsify\'s groupmax has no sae-jax architecture)',
+            json.dumps(cfg["activation"]),
+        )
     D, k = positive_int(cfg_path, cfg, "d_in"), positive_int(cfg_path, cfg, "k")
     N = cfg.get("num_latents") or positive_int(cfg_path, cfg, "expansion_factor") * D
     N = positive_int(cfg_path, {"num_latents": N}, "num_latents")
@@ -75,22 +88,36 @@ def load_sparsify(folder: Path, hook_layer: int | None = None, hook_site: Site |
     tensors = read_tensors(weights)
     shapes = {"encoder.weight": (N, D), "encoder.bias": (N,), "W_dec": (N, D), "b_dec": (D,)}
     dtype = check_tensors(weights, tensors, shapes, float64=True)
-    arrays = {"W_enc": transposed(tensors["encoder.weight"]), "b_enc": tensors["encoder.bias"],
-              "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
+    arrays = {
+        "W_enc": transposed(tensors["encoder.weight"]),
+        "b_enc": tensors["encoder.bias"],
+        "W_dec": tensors["W_dec"],
+        "b_dec": tensors["b_dec"],
+    }
     if dtype == "float64":
         arrays, dtype = narrowed(weights, widened(arrays), "float32")
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else _run_metadata(folder)
     spec = make_spec(
-        cfg_path, architecture="topk", d_in=D, n_latents=N, k=k, hook_layer=layer, hook_site=site, dtype=dtype,
-        source=str(folder), apply_b_dec_to_input=True, metadata=metadata_text(cfg_path, meta),
+        cfg_path,
+        architecture="topk",
+        d_in=D,
+        n_latents=N,
+        k=k,
+        hook_layer=layer,
+        hook_site=site,
+        dtype=dtype,
+        source=str(folder),
+        apply_b_dec_to_input=True,
+        metadata=metadata_text(cfg_path, meta),
     )
     return SAE(from_numpy(arrays), spec)
 
 
 def check_writable(sae: SAE, path: Path) -> None:
     if sae.spec.architecture != "topk":
-        raise error(path, "architecture", "topk for format sparsify (sparsify holds top-k SAEs only)",
-                    sae.spec.architecture)
+        raise error(
+            path, "architecture", "topk for format sparsify (sparsify holds top-k SAEs only)", sae.spec.architecture
+        )
 
 
 def write_sparsify(sae: SAE, folder: Path) -> None:
@@ -112,8 +139,12 @@ def write_sparsify(sae: SAE, folder: Path) -> None:
         "hook_name": hook_name(spec),
         "metadata": metadata_of(spec),
     }
-    tensors = {"encoder.weight": transposed(a["W_enc"]), "encoder.bias": a["b_enc"], "W_dec": a["W_dec"],
-               "b_dec": a["b_dec"]}
+    tensors = {
+        "encoder.weight": transposed(a["W_enc"]),
+        "encoder.bias": a["b_enc"],
+        "W_dec": a["W_dec"],
+        "b_dec": a["b_dec"],
+    }
     write_tensors(folder / WEIGHTS, tensors, "safetensors")
     (folder / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
 
@@ -147,5 +178,3 @@ def _run_metadata(folder: Path) -> dict:
         return {}
     fields = {"model_name": run.get("model"), "dataset_path": run.get("dataset"), "context_size": run.get("ctx_len")}
     return {k: v for k, v in fields.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
-
-

@@ -59,7 +59,9 @@ def _read_pt(path: Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        raise SAEFormatError(f"{path}: not a plain tensor dict: torch.load(weights_only=True) refused it ({_refusal(e)})") from None
+        raise SAEFormatError(
+            f"{path}: not a plain tensor dict: torch.load(weights_only=True) refused it ({_refusal(e)})"
+        ) from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for damaged files
         raise SAEFormatError(f"{path}: truncated or not a torch.save file ({first_line(e)})") from None
     if not isinstance(obj, dict):
@@ -67,14 +69,18 @@ def _read_pt(path: Path) -> dict[str, np.ndarray]:
     out = {}
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise error(path, str(key), "a tensor under a string key", f"{type(key).__name__} -> {type(value).__name__}")
+            raise error(
+                path, str(key), "a tensor under a string key", f"{type(key).__name__} -> {type(value).__name__}"
+            )
         out[key] = _from_torch(torch, path, key, value)
     return out
 
 
 def _refusal(e: BaseException) -> str:
     """The one informative sentence of torch's multi-paragraph weights_only refusal."""
-    m = re.search(r"WeightsUnpickler error:\s*(.*?)(?: Please use|\n|$)", str(e))  # garbage: "error: \n\nUnsupported operand"
+    m = re.search(
+        r"WeightsUnpickler error:\s*(.*?)(?: Please use|\n|$)", str(e)
+    )  # garbage: "error: \n\nUnsupported operand"
     return m.group(1).strip() if m and m.group(1).strip() else first_line(e)
 
 

@@ -1,9 +1,9 @@
 """Llama-3 in Flax NNX, read straight from Hugging Face checkpoints.
 
-    model = load("path/to/Llama-3.2-1B-Instruct")          # or dtype="bfloat16" / jnp.bfloat16
-    x = residual(model, input_ids, 9)                       # [B, T, D], entering layer 9
-    y = logits(model, input_ids, attention_mask=mask)       # [B, T, V] float32
-    y = logits(model, input_ids, edit=Edit(params, 9, "input", fn))   # with the residual there replaced
+model = load("path/to/Llama-3.2-1B-Instruct")          # or dtype="bfloat16" / jnp.bfloat16
+x = residual(model, input_ids, 9)                       # [B, T, D], entering layer 9
+y = logits(model, input_ids, attention_mask=mask)       # [B, T, V] float32
+y = logits(model, input_ids, edit=Edit(params, 9, "input", fn))   # with the residual there replaced
 """
 
 from sae_jax.llama.config import LlamaConfig, LlamaLoadError, RopeScaling, load_config

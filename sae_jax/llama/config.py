@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sae_jax import typed
-
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so np.dtype("bfloat16") resolves
 import numpy as np
+
+from sae_jax import typed
 
 
 class LlamaLoadError(ValueError):
@@ -63,11 +63,21 @@ class LlamaConfig:
     dtype: str = "bfloat16"  # the checkpoint's declared storage dtype (informational)
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size"):
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive integer, found {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads: expected a multiple of num_kv_heads={self.num_kv_heads}, found {self.num_heads}")
+            raise ValueError(
+                f"num_heads: expected a multiple of num_kv_heads={self.num_kv_heads}, found {self.num_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim: expected an even number (rope rotates pairs), found {self.head_dim}")
 

@@ -73,7 +73,11 @@ def generate(
         raise ValueError("attention_mask: expected left padding (each row's pads before its tokens, last token real)")
     eos = np.asarray(list(eos_ids), np.int32)
     pad = int(pad_id if pad_id is not None else (eos[0] if eos.size else 0))
-    step = _cached_steps(model, ids, mask, edit, max_new_tokens) if use_cache else _uncached_steps(model, ids, mask, edit, max_new_tokens)
+    step = (
+        _cached_steps(model, ids, mask, edit, max_new_tokens)
+        if use_cache
+        else _uncached_steps(model, ids, mask, edit, max_new_tokens)
+    )
     out, done = [], np.zeros(ids.shape[0], bool)
     for _ in range(max_new_tokens):
         tok = np.where(done, pad, next(step))
@@ -123,7 +127,9 @@ def _uncached_steps(model: Llama, ids: np.ndarray, mask: np.ndarray, edit: Edit 
     ids = np.concatenate([ids, np.zeros((B, max_new_tokens), np.int32)], 1)
     mask = np.concatenate([mask, np.zeros((B, max_new_tokens), np.int32)], 1)
     for last in range(T - 1, T - 1 + max_new_tokens):
-        tok = np.asarray(_full_step(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(_positions(mask)), edit, last))
+        tok = np.asarray(
+            _full_step(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(_positions(mask)), edit, last)
+        )
         yield tok
         if last + 1 < ids.shape[1]:
             ids[:, last + 1], mask[:, last + 1] = tok, 1

@@ -64,12 +64,19 @@ def check_tensors(table: dict[str, WeightSpec], files: dict[str, Path], listing:
         if key not in found:
             problems.append(f"{listing}: missing tensor {key!r}: expected shape {list(spec.shape)}, found none")
         elif found[key][0] != spec.shape:
-            problems.append(f"{files[key]}: tensor {key!r}: expected shape {list(spec.shape)} from config.json, found {list(found[key][0])}")
+            problems.append(
+                f"{files[key]}: tensor {key!r}: expected shape {list(spec.shape)} from config.json, "
+                f"found {list(found[key][0])}"
+            )
         elif found[key][1] not in FLOAT_DTYPES:
-            problems.append(f"{files[key]}: tensor {key!r}: expected dtype one of {FLOAT_DTYPES}, found {found[key][1]}")
+            problems.append(
+                f"{files[key]}: tensor {key!r}: expected dtype one of {FLOAT_DTYPES}, found {found[key][1]}"
+            )
     for key in found.keys() - table.keys():
         tied = " (config.json has tie_word_embeddings=true)" if key == "lm_head.weight" else ""
-        problems.append(f"{files[key]}: unexpected tensor {key!r} with shape {list(found[key][0])}: expected none{tied}")
+        problems.append(
+            f"{files[key]}: unexpected tensor {key!r} with shape {list(found[key][0])}: expected none{tied}"
+        )
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise LlamaLoadError(problems[0] + more)

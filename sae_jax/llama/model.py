@@ -186,7 +186,9 @@ def _embed(model: Llama, input_ids, attention_mask, positions) -> tuple[jax.Arra
     return model.embed_tokens(ids), *positions_and_mask(ids.shape, attention_mask, positions)
 
 
-def residual(model: Llama, input_ids, layer: int, site: str = "input", attention_mask=None, positions=None) -> jax.Array:
+def residual(
+    model: Llama, input_ids, layer: int, site: str = "input", attention_mask=None, positions=None
+) -> jax.Array:
     """The residual stream at decoder layer `layer`: [B, T, D] in the compute dtype.
 
     site "input": entering the layer (transformers' hidden_states[layer]; runs
@@ -219,8 +221,9 @@ def logits(model: Llama, input_ids, attention_mask=None, positions=None, *, edit
     return model.head(run_layers(model, x, positions, mask, edit=edit)[0])
 
 
-def logits_from(model: Llama, x: jax.Array, layer: int, site: str, attention_mask=None, positions=None, *,
-                edit: Edit | None = None) -> jax.Array:
+def logits_from(
+    model: Llama, x: jax.Array, layer: int, site: str, attention_mask=None, positions=None, *, edit: Edit | None = None
+) -> jax.Array:
     """x: [B, T, D] a residual at (layer, site) -> logits [B, T, V] float32 of the rest of the model on it.
 
     `edit` applies at its site, which must be (layer, site) or later.

@@ -19,7 +19,9 @@ def inv_freq(cfg: LlamaConfig) -> np.ndarray:
     """[H/2] float32 angular frequencies, as transformers' `_compute_llama3_parameters` gives them."""
     H = cfg.head_dim
     # float32 throughout, in transformers' order, so the angles agree to the last bit where possible.
-    freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, H, 2, dtype=np.float32) / np.float32(H)))).astype(np.float32)
+    freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, H, 2, dtype=np.float32) / np.float32(H)))).astype(
+        np.float32
+    )
     s = cfg.rope_scaling
     if s is None:
         return freq

@@ -69,7 +69,9 @@ def tiny_config(
         "vocab_size": vocab_size,
     }
     if old_format:
-        d.update(rope_scaling=dict(LLAMA3_ROPE), rope_theta=ROPE_THETA, torch_dtype=dtype, transformers_version="4.45.0.dev0")
+        d.update(
+            rope_scaling=dict(LLAMA3_ROPE), rope_theta=ROPE_THETA, torch_dtype=dtype, transformers_version="4.45.0.dev0"
+        )
     else:
         d.update(rope_parameters={**LLAMA3_ROPE, "rope_theta": ROPE_THETA}, dtype=dtype, transformers_version="5.0.0")
     return dict(sorted(d.items()))
