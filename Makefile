@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	@echo "setting up $(VENV): pip install -e '.[test]' (a few minutes the first time, mostly downloads)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install --progress-bar on -e '.[test]' | grep -v '^Requirement already satisfied'
+	$(PY) -m pip install --progress-bar on -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
