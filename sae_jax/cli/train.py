@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 def next_commands(cfg, config: str) -> list[str]:
     """The commands that use a finished run, with its real paths."""
     run_dir = Path(cfg.run.out_dir)
-    out = [f"sae-jax evaluate --config {config}"]
+    out = [f"sae-jax evaluate --config {config} --sae {run_dir / 'sae'}"]
     out.append(f"sae-jax plot {run_dir}")
     release = "release.safetensors" if cfg.sae.architecture == "relu" else "saelens --to saelens"
     out.append(f"sae-jax convert {run_dir / 'sae'} {run_dir / release}")
