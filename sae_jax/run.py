@@ -63,9 +63,29 @@ def estimate_scale(source: Source, n_batches: int, d_in: int) -> float:
 
 
 def exported_sae(state: TrainState, cfg: Config, scale: float, source: str) -> SAE:
-    """The trained SAE with the input scale folded in (it takes raw activations), gathered from every process."""
-    spec = dataclasses.replace(spec_from_config(cfg), input_scale=scale, source=source)
+    """The trained SAE with the input scale folded in (it takes raw activations), gathered from every process;
+    its metadata says what it was trained on (SAELens's fields, carried into SAELens exports)."""
+    meta = training_metadata(cfg)
+    spec = dataclasses.replace(
+        spec_from_config(cfg),
+        input_scale=scale,
+        source=source,
+        metadata=json.dumps(meta, sort_keys=True) if meta else "",
+    )
     return fold_input_scale(SAE(sharding.to_host(state.params), spec))
+
+
+def training_metadata(cfg: Config) -> dict:
+    """SAELens's metadata fields for a run on a Llama's activations (model, text, context size, BOS); else none."""
+    d = cfg.data
+    if d.source != "llama":
+        return {}
+    return {
+        "model_name": Path(d.model.path).name,
+        "dataset_path": d.text.path,
+        "context_size": d.text.context_size,
+        "prepend_bos": True,
+    }
 
 
 def writes_files() -> bool:

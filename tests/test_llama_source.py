@@ -1,5 +1,8 @@
 """Training on Llama activations through the config: wiring, errors, resume."""
 
+import json
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -81,6 +84,14 @@ def test_llama_run_resumes_bit_identical(assets, tmp_path):
     resumed = train(cfg_for(assets, tmp_path / "part"), progress=False)
     for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The export says what it was trained on, in SAELens's fields (carried into SAELens folders).
+    c = cfg_for(assets, tmp_path / "whole")
+    assert json.loads(whole.sae.spec.metadata) == {
+        "model_name": Path(c.data.model.path).name,
+        "dataset_path": c.data.text.path,
+        "context_size": c.data.text.context_size,
+        "prepend_bos": True,
+    }
 
 
 @pytest.mark.parametrize(
