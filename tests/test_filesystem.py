@@ -175,7 +175,10 @@ def test_full_disk_during_the_export_leaves_no_half_written_sae(tmp_path):
     (run / "eval.json").unlink()
     r = run_cli(run, fsize=EXPORT_LIMIT, extra=tuple(f"{k}={v}" for k, v in wide.items()))
     assert r.returncode == 1 and r.stdout == ""
-    assert without_progress(r.stderr) == f"error: {run / 'sae'}: could not be written (File too large); the destination is as it was\n"
+    assert (
+        without_progress(r.stderr)
+        == f"error: {run / 'sae'}: could not be written (File too large); the destination is as it was\n"
+    )
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
     assert train(cfg(run, **wide), progress=False).sae is not None
     assert_bits_equal(load_sae(run / "sae").params, load_sae(ref / "sae").params)
