@@ -19,23 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The realistic set of tests/test_arch_recovery.py: 4x more true features than D, Zipf-like frequencies,
-# correlated groups, hierarchies, varied magnitudes.
-DATA = [
-    "data.source=synthetic",
-    "sae.d_in=32",
-    "sae.expansion=16",
-    "data.batch_size=512",
-    "data.synthetic.n_features=128",
-    "data.synthetic.active=5",
-    "data.synthetic.zipf_exponent=0.5",
-    "data.synthetic.correlation=0.3",
-    "data.synthetic.hierarchy_parents=4",
-    "data.synthetic.hierarchy_children=3",
-    "data.synthetic.hierarchy_child_prob=0.3",
-    "data.synthetic.magnitude_spread=0.3",
-]
-TRAIN = ["train.lr_warmup_steps=20", "train.dead_tokens=50000", "train.auxk_k=32", "run.log_every=100"]
+REALISTIC = ROOT / "configs" / "realistic.yaml"  # the set tests/test_arch_recovery.py trains on
 
 # What each architecture sweeps: (key, values), and its fixed settings (the best found on this set).
 SWEEPS = {
@@ -56,19 +40,14 @@ def run_point(out: Path, arch: str, key: str, value, fixed: list[str], steps: in
     from sae_jax.run import train
 
     run_dir = out / f"{arch}-{key.split('.')[-1]}-{value}"
-    sets = (
-        DATA
-        + TRAIN
-        + fixed
-        + [
-            f"sae.architecture={arch}",
-            f"{key}={value}",
-            f"train.steps={steps}",
-            f"run.save_every={steps}",
-            f"run.out_dir={run_dir}",
-        ]
-    )
-    train(load_config(None, sets), progress=False)
+    sets = fixed + [
+        f"sae.architecture={arch}",
+        f"{key}={value}",
+        f"train.steps={steps}",
+        f"run.save_every={steps}",
+        f"run.out_dir={run_dir}",
+    ]
+    train(load_config(REALISTIC, sets), progress=False)
     ev = json.loads((run_dir / "eval.json").read_text())
     g = ev["ground_truth"]
     return {

@@ -7,6 +7,7 @@ dead = not fired over 50k tokens, as ours. Needs `sae-lens` (not a dependency of
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,20 +21,7 @@ from sae_jax.data.synthetic import recovered_fraction
 from sae_jax.groundtruth import match, unit_rows
 
 arch, k, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-R = [
-    "sae.d_in=32",
-    "sae.expansion=16",
-    "data.batch_size=512",
-    "data.synthetic.n_features=128",
-    "data.synthetic.active=5",
-    "data.synthetic.zipf_exponent=0.5",
-    "data.synthetic.correlation=0.3",
-    "data.synthetic.hierarchy_parents=4",
-    "data.synthetic.hierarchy_children=3",
-    "data.synthetic.hierarchy_child_prob=0.3",
-    "data.synthetic.magnitude_spread=0.3",
-]
-cfg = load_config(None, R)
+cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "realistic.yaml")
 src = make_source(cfg)
 scale = np.sqrt(32) / np.mean([np.linalg.norm(src.next_batch(), axis=1).mean() for _ in range(10)])
 torch.manual_seed(0)

@@ -10,31 +10,14 @@ inference rule: topk and jumprelu) are held to what they reach, so a regression 
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
 from sae_jax.config import load_config
 from sae_jax.run import train
 
-REALISTIC = [
-    "sae.d_in=32",
-    "sae.expansion=16",
-    "data.batch_size=512",
-    "data.synthetic.n_features=128",
-    "data.synthetic.active=5",
-    "data.synthetic.zipf_exponent=0.5",
-    "data.synthetic.correlation=0.3",
-    "data.synthetic.hierarchy_parents=4",
-    "data.synthetic.hierarchy_children=3",
-    "data.synthetic.hierarchy_child_prob=0.3",
-    "data.synthetic.magnitude_spread=0.3",
-    "train.steps=800",
-    "train.lr_warmup_steps=20",
-    "train.dead_tokens=50000",
-    "train.auxk_k=32",
-    "run.save_every=800",
-    "run.log_every=100",
-]
+REALISTIC = Path(__file__).resolve().parents[1] / "configs" / "realistic.yaml"
 CASES = {
     "topk": (["sae.architecture=topk", "sae.k=5", "sae.unit_norm_decoder=true", "train.lr=1e-2"], 0.9, 0.95),
     "jumprelu": (
@@ -54,7 +37,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_recovers_the_true_features_of_a_realistic_set(tmp_path, name):
     sets, recovered, mcc = CASES[name]
-    train(load_config(None, REALISTIC + sets + [f"run.out_dir={tmp_path}"]), progress=False)
+    train(load_config(REALISTIC, sets + [f"run.out_dir={tmp_path}"]), progress=False)
     truth = json.loads((tmp_path / "eval.json").read_text())["ground_truth"]
     print(name, truth)
     assert truth["recovered"] >= recovered and truth["mcc"] >= mcc

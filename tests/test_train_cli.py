@@ -1,5 +1,6 @@
 """`python train.py`: bad configs end in one line on stderr, non-zero exit, no traceback."""
 
+import json
 import re
 import subprocess
 import sys
@@ -189,3 +190,18 @@ def test_ctrl_c_names_the_checkpoint_kept(tmp_path):
     kept = int(last.split()[2])
     assert kept % 5 == 0 and (tmp_path / "run" / "checkpoints" / str(kept)).is_dir()
     assert "Traceback" not in err
+
+
+def test_evaluate_scores_a_synthetic_run_against_its_true_directions(tmp_path):
+    cfg = write(tmp_path, "sae: {d_in: 8, expansion: 2}\ndata: {batch_size: 16}\ntrain: {steps: 4, lr_warmup_steps: 1}\n"
+                          "run: {out_dir: run, eval_batches: 1}\n")
+    assert run_train("--no-progress", "--config", cfg).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "sae_jax", "evaluate", "--config", cfg, "--tokens", "32", "--out",
+                        str(tmp_path / "ev")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"SAE {tmp_path / 'run' / 'sae'} on synthetic data (32 tokens)"
+    assert lines[-2].startswith("ground truth: recovered ") and " MCC " in lines[-2]
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert saved["tokens"] == 32 and 0 <= saved["ground_truth"]["mcc"] <= 1
+    assert saved["ground_truth"]["n_true_features"] == 512
