@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -286,7 +288,10 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
             f"{' from auto' if t.kernel == 'auto' else ''}); the first step waits on it"
         )
     last_time, last_step, skipped, since_log = time.perf_counter(), start, 0, {}
-    with open(metrics_path, "a") if writes_files() else contextlib.nullcontext() as mfile:
+    with (
+        open(metrics_path, "a") if writes_files() else contextlib.nullcontext() as mfile,
+        _ctrl_c_between_steps() as asked,
+    ):
         pos = source.state()
         x = put(source.next_batch()) if start < end else None
         for step in range(start, end):
@@ -333,8 +338,31 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
             if save_now:
                 ckpts.save(done, state, {"data": pos, "scale": scale})
             bar.update(1)
+            if asked():
+                raise KeyboardInterrupt
     bar.close()
     return state
+
+
+@contextlib.contextmanager
+def _ctrl_c_between_steps():
+    """Ctrl-C stops the loop at the next step boundary (yields `asked()`), never inside orbax or XLA, which may
+    swallow the exception mid-save; a second Ctrl-C interrupts at once. Outside the main thread: unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    asked = []
+
+    def handler(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _check_finite(state: TrainState, done: int, mode: str, ckpts: Checkpoints) -> int:
