@@ -193,11 +193,18 @@ def test_ctrl_c_names_the_checkpoint_kept(tmp_path):
 
 
 def test_evaluate_scores_a_synthetic_run_against_its_true_directions(tmp_path):
-    cfg = write(tmp_path, "sae: {d_in: 8, expansion: 2}\ndata: {batch_size: 16}\ntrain: {steps: 4, lr_warmup_steps: 1}\n"
-                          "run: {out_dir: run, eval_batches: 1}\n")
+    cfg = write(
+        tmp_path,
+        "sae: {d_in: 8, expansion: 2}\ndata: {batch_size: 16}\ntrain: {steps: 4, lr_warmup_steps: 1}\n"
+        "run: {out_dir: run, eval_batches: 1}\n",
+    )
     assert run_train("--no-progress", "--config", cfg).returncode == 0
-    r = subprocess.run([sys.executable, "-m", "sae_jax", "evaluate", "--config", cfg, "--tokens", "32", "--out",
-                        str(tmp_path / "ev")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "sae_jax", "evaluate", "--config", cfg, "--tokens", "32", "--out", str(tmp_path / "ev")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == f"SAE {tmp_path / 'run' / 'sae'} on synthetic data (32 tokens)"
