@@ -102,26 +102,21 @@ def test_config_paths_resolve_against_the_config_file(tmp_path):
     assert cfg.data.text.path == "lmsys/lmsys-chat-1m"  # --set values are as given (a hub id here)
 
 
-def test_train_cli_trains_resumes_and_exports(tmp_path):
-    args = [
-        "--no-progress",
-        "--config",
-        write(tmp_path, "{}\n"),
-        "--set",
+def tiny_run_args(tmp_path, *sets: str) -> list[str]:
+    """train.py's arguments for a tiny synthetic run in tmp_path/run (D=8, N=16, 16-token batches), plus `sets`."""
+    base = [
         f"run.out_dir={tmp_path / 'run'}",
-        "--set",
         "sae.d_in=8",
-        "--set",
         "sae.expansion=2",
-        "--set",
         "data.batch_size=16",
-        "--set",
-        "train.steps=6",
-        "--set",
         "train.lr_warmup_steps=1",
-        "--set",
-        "run.save_every=3",
+        *sets,
     ]
+    return ["--no-progress", "--config", write(tmp_path, "{}\n"), *(x for s in base for x in ("--set", s))]
+
+
+def test_train_cli_trains_resumes_and_exports(tmp_path):
+    args = tiny_run_args(tmp_path, "train.steps=6", "run.save_every=3")
     r = run_train(*args)
     assert r.returncode == 0, r.stderr
     assert f"trained 6 steps; SAE exported to {tmp_path / 'run' / 'sae'}" in r.stdout
@@ -152,31 +147,8 @@ def test_ctrl_c_names_the_checkpoint_kept(tmp_path):
     import signal
     import time
 
-    args = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--no-progress",
-        "--config",
-        write(tmp_path, "{}\n"),
-        "--set",
-        f"run.out_dir={tmp_path / 'run'}",
-        "--set",
-        "sae.d_in=8",
-        "--set",
-        "sae.expansion=2",
-        "--set",
-        "data.batch_size=16",
-        "--set",
-        "train.steps=100000",
-        "--set",
-        "train.lr_warmup_steps=1",
-        "--set",
-        "run.save_every=5",
-        "--set",
-        "run.log_every=5",
-        "--set",
-        "run.eval_every=0",
-    ]
+    args = [sys.executable, str(ROOT / "train.py")]
+    args += tiny_run_args(tmp_path, "train.steps=100000", "run.save_every=5", "run.log_every=5", "run.eval_every=0")
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     done = lambda: [c for c in (tmp_path / "run" / "checkpoints").glob("*") if c.name.isdigit()]  # finalized ones
