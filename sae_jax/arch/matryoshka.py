@@ -8,9 +8,11 @@ threshold, export (jumprelu) and decoder default (free rows) as batchtopk.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
-from sae_jax.arch import Recipe, batchtopk
+from sae_jax.arch import batchtopk
 from sae_jax.loss import matmul, squared_error
 
 
@@ -32,11 +34,5 @@ def loss(params, spec, x, ctx):
     return batchtopk.with_auxk(params, x, out, recon, ctx)
 
 
-RECIPE = Recipe(
-    name="matryoshka",
-    inference="jumprelu",
-    loss=loss,
-    needs_k=True,
-    init_threshold=lambda s: 0.0,
-    update=batchtopk.update_threshold,
-)
+# BatchTopK's recipe (its code, threshold and inference) with the nested-prefix loss.
+RECIPE = dataclasses.replace(batchtopk.RECIPE, name="matryoshka", loss=loss)

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _synthetic(cfg, args: argparse.Namespace) -> int:
-    """A run on synthetic or stored activations: its SAE scored on fresh batches of the same source."""
+    """A run on synthetic or stored activations: its SAE scored on batches of the same source (synthetic: unseen)."""
     import json
 
     from sae_jax.data import make_source
@@ -103,7 +103,13 @@ def _synthetic(cfg, args: argparse.Namespace) -> int:
     sae = load_sae(sae_dir)
     source = make_source(cfg)
     n = max(1, -(-args.tokens // cfg.data.batch_size))
-    say(f"scoring {sae_dir} on {n} batches of {cfg.data.batch_size} fresh {cfg.data.source} activations")
+    if cfg.data.source == "synthetic":  # past what training and its final eval read: unseen batches
+        t = cfg.train
+        source.restore({"index": t.scale_batches + t.steps + cfg.run.eval_batches})
+        which = "unseen"
+    else:
+        which = "the first (training) batches of the"
+    say(f"scoring {sae_dir} on {n} batches of {cfg.data.batch_size} tokens: {which} {cfg.data.source} activations")
     result = score(sae, source, n, cfg)
     print(f"SAE {sae_dir} on {cfg.data.source} data ({result['tokens']} tokens)")
     truth = result.pop("ground_truth", None)
