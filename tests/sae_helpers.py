@@ -83,3 +83,16 @@ def cli_workspace(root: Path, tokenizer) -> Workspace:
 def without_progress(stderr: str) -> str:
     """stderr without the progress lines (`sae-jax: ...`) the command line writes while it works."""
     return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("sae-jax: "))
+
+
+# A tiny synthetic run (D=8, N=32, 30 steps of 32 tokens, checkpoints every 10) that resume tests share.
+TINY_RUN = [
+    "sae.d_in=8",
+    "sae.expansion=4",
+    "data.batch_size=32",
+    "train.steps=30",
+    "train.lr=1e-2",
+    "train.lr_warmup_steps=3",
+    "run.save_every=10",
+    "run.log_every=5",
+]

@@ -18,23 +18,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from sae_helpers import TINY_RUN
 
 from sae_jax.checkpoint import Checkpoints
 from sae_jax.config import load_config
 from sae_jax.run import train
 
-SETS = [
-    "sae.d_in=8",
-    "sae.expansion=4",
-    "data.batch_size=32",
-    "train.steps=30",
-    "train.lr=1e-2",
-    "train.lr_warmup_steps=3",
-    "run.save_every=10",
-    "run.log_every=5",
-    "run.keep=3",
-    "train.scale_batches=2",
-]
+SETS = TINY_RUN + ["run.keep=3", "train.scale_batches=2"]
 
 
 def cfg(out_dir: Path):

@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from sae_helpers import TINY_RUN
 
 from sae_jax.config import load_config
 from sae_jax.data.synthetic import recovered_fraction, true_dictionary
@@ -37,18 +38,7 @@ def test_trained_sae_recovers_the_true_directions(tmp_path, arch):
 
 
 def tiny(out_dir, source="synthetic", **extra):
-    sets = [
-        "sae.d_in=8",
-        "sae.expansion=4",
-        "data.batch_size=32",
-        "train.steps=30",
-        "train.lr=1e-2",
-        "train.lr_warmup_steps=3",
-        "run.save_every=10",
-        "run.log_every=5",
-        f"run.out_dir={out_dir}",
-        f"data.source={source}",
-    ]
+    sets = TINY_RUN + [f"run.out_dir={out_dir}", f"data.source={source}"]
     return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
 
 
