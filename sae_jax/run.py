@@ -265,9 +265,7 @@ def final_eval(sae: SAE, source: Source, n_batches: int, path: Path, cfg: Config
 
 
 def batch_placer(cfg: Config) -> Callable[[np.ndarray], jax.Array]:
-    """x: [B, D] host batch -> on device; under a mesh, this process's rows placed with the batch sharding."""
-    if not sharding.needs_mesh(cfg):
-        return jax.device_put
+    """x: [B, D] host batch -> on device: this process's rows placed with the mesh's batch sharding."""
     mesh = sharding.make_mesh(cfg)
     rows = sharding.process_rows(mesh, cfg.data.batch_size)
     return lambda x: sharding.place_batch(mesh, x[rows])

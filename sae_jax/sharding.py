@@ -98,11 +98,6 @@ def start_distributed(environ: Mapping[str, str] = os.environ) -> None:
         ) from None
 
 
-def needs_mesh(cfg) -> bool:
-    """Whether `cfg.mesh` asks for more than one device, or this is one of several processes."""
-    return cfg.mesh.data * cfg.mesh.model > 1 or jax.process_count() > 1
-
-
 def make_mesh(cfg, devices: list | None = None) -> Mesh:
     """The (data, model) mesh of `cfg.mesh`, over the first data*model of `devices` (default: all of them).
 

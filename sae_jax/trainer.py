@@ -80,9 +80,7 @@ def apply_optimizer(tx: optax.GradientTransformation, grads: SAEParams, opt_stat
 
 
 def init_state(cfg: Config) -> TrainState:
-    """The state at step 0; with a `mesh` of several devices, created already sharded (`sharding.state_shardings`)."""
-    if not sharding.needs_mesh(cfg):
-        return _init_state(cfg)
+    """The state at step 0, created already sharded over `cfg.mesh` (`sharding.state_shardings`; 1x1 by default)."""
     mesh = sharding.make_mesh(cfg)
     # Jitted with out_shardings, each device computes only its own shard: the full SAE never exists on one device.
     out = sharding.state_shardings(mesh, jax.eval_shape(lambda: _init_state(cfg)))
@@ -92,8 +90,6 @@ def init_state(cfg: Config) -> TrainState:
 def abstract_state(cfg: Config) -> TrainState:
     """`init_state`'s shapes and dtypes as ShapeDtypeStructs with its shardings: what a checkpoint restores into."""
     shapes = jax.eval_shape(lambda: _init_state(cfg))
-    if not sharding.needs_mesh(cfg):
-        return shapes
     placed = sharding.state_shardings(sharding.make_mesh(cfg), shapes)
     return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p), shapes, placed)
 
@@ -243,11 +239,9 @@ def train_step(
 def make_step(cfg: Config) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
     """The jitted step with the state donated: its buffers are reused for the new state.
 
-    With a `mesh` of several devices, state and batch are sharded as `sharding` describes.
+    State and batch are sharded over `cfg.mesh` as `sharding` describes (one device: a 1x1 mesh).
     """
     step = lambda s, x, c: train_step(s, x, c, spec=spec_from_config(cfg), t=cfg.train, s=cfg.sae)
-    if not sharding.needs_mesh(cfg):
-        return jax.jit(step, donate_argnums=0)
     mesh = sharding.make_mesh(cfg)
     state = sharding.state_shardings(mesh, jax.eval_shape(lambda: _init_state(cfg)))
     rep = sharding.replicated(mesh)
