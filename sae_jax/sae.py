@@ -93,18 +93,6 @@ class Forward(NamedTuple):
     pre: jax.Array
 
 
-def check_params(params: SAEParams, spec: SAESpec, where: str = "params") -> None:
-    """Raise a one-line ValueError if any param's shape contradicts the spec."""
-    if params.threshold is not None and spec.architecture != "jumprelu":
-        raise ValueError(f"{where}: threshold expected only for jumprelu, found one for {spec.architecture}")
-    for name, shape in spec.shapes().items():
-        if getattr(params, name) is None:
-            raise ValueError(f"{where}: {name} expected shape {list(shape)}, found none")
-        found = tuple(getattr(params, name).shape)
-        if found != shape:
-            raise ValueError(f"{where}: {name} expected shape {list(shape)}, found {list(found)}")
-
-
 def init_params(key: jax.Array, spec: SAESpec, dec_norm: float = 0.1) -> SAEParams:
     """April-2024 init: decoder rows random directions of norm `dec_norm`, encoder their transpose, zero biases."""
     D, N = spec.d_in, spec.n_latents

@@ -115,7 +115,8 @@ def test_jumprelu_and_pre_encoder_bias_match_numpy_and_survive_the_scale_fold():
     np.testing.assert_allclose(out.x_hat, (f_ref @ p.W_dec + p.b_dec) / 2.5, rtol=1e-5, atol=1e-5)
     folded = fold_input_scale(sae)
     np.testing.assert_allclose(forward(folded, x).x_hat, out.x_hat, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="threshold expected shape"):
-        from sae_jax.sae import check_params
+    # A jumprelu SAE without its threshold is refused before anything is written (formats.common.check_sae).
+    from sae_jax.formats.common import check_sae
 
-        check_params(dataclasses.replace(p, threshold=None), spec)
+    with pytest.raises(ValueError, match=r"^sae: threshold: expected keys .*threshold.*, found no 'threshold'"):
+        check_sae(SAE(dataclasses.replace(p, threshold=None), spec), "sae")
