@@ -7,11 +7,25 @@ every other test runs on the first device as it would on a one-device machine.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import jax
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_platforms", "cpu")
+
+# One XLA compilation cache for the run, shared by the xdist workers (they inherit the variable): the many tiny runs
+# compile the same programs again and again. In-process only: JAX writes entries in place, so a subprocess killed or
+# stopped by a file-size limit mid-write would leave a truncated entry that warns on stderr where tests read it.
+_MADE_CACHE = "SAE_JAX_TEST_XLA_CACHE" not in os.environ
+if _MADE_CACHE:
+    os.environ["SAE_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="sae-jax-test-xla-")
+jax.config.update("jax_compilation_cache_dir", os.environ["SAE_JAX_TEST_XLA_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +43,8 @@ def ws(tmp_path_factory, tok):
     from sae_helpers import cli_workspace
 
     return cli_workspace(tmp_path_factory.mktemp("cli"), tok)
+
+
+def pytest_unconfigure(config):
+    if _MADE_CACHE:
+        shutil.rmtree(os.environ["SAE_JAX_TEST_XLA_CACHE"], ignore_errors=True)

@@ -78,7 +78,8 @@ def test_zero_sae_is_zero_ablation(model, batches):
     assert r.lm.ce_sae == r.lm.ce_zero and r.lm.loss_recovered == 0.0
     assert r.l0 == 0 and r.dead_fraction == 1 and r.dense_fraction == 0
     x = kept_residuals(model, batches, L).astype(np.float64)
-    assert r.explained_variance == pytest.approx(1 - np.mean(x**2) / np.var(x), rel=1e-5)
+    # EV = 1 - MSE/Var is near 0 here, so compare MSE/Var (near 1), which float32 sums hold to ~1e-7
+    assert 1 - r.explained_variance == pytest.approx(np.mean(x**2) / np.var(x), rel=1e-6)
 
 
 def log_softmax(z):
