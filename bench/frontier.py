@@ -190,10 +190,8 @@ def matched_table(rows: list[dict], tol: float = MATCH) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        j, s = r["sae-jax"], r["SAELens"]
-        out.append(
-            f"| {r['l0']:.1f} | {cell(j['fvu'], 'fvu')} | {cell(s['fvu'], 'fvu')} | {cell(j['mcc'], 'mcc')} | {cell(s['mcc'], 'mcc')} |"
-        )
+        cells = [cell(r[side][m], m) for m in ("fvu", "mcc") for side in SIDES]
+        out.append(f"| {r['l0']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

@@ -20,6 +20,7 @@ synthetic data), as a run of ours is.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import sys
@@ -131,7 +132,7 @@ def train_saelens(cfg: Config, out: Path, overrides: dict | None = None, progres
     source = make_source(cfg)
     scale = estimate_scale(source, cfg.train.scale_batches, cfg.sae.d_in)  # the batches our run spends on it
     sae = build_sae(cfg, overrides)
-    batches = (torch.from_numpy(np.asarray(source.next_batch(), np.float32)) for _ in iter(int, 1))
+    batches = (torch.from_numpy(np.asarray(source.next_batch(), np.float32)) for _ in itertools.count())
     trainer = sae_trainer.SAETrainer(trainer_config(cfg), sae, batches)
     trainer.activation_scaler.scaling_factor = scale  # scales each batch; fit() folds it into the weights
     bar = functools.partial(sae_trainer.tqdm, disable=not progress)
