@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.frontier import SAELENS, SWEEPS, point_config  # noqa: E402
+from bench.frontier import SAELENS, SWEEPS, TORCH_THREADS, point_config  # noqa: E402
 
 SIDES = ("sae-jax", "SAELens")
 
@@ -112,14 +113,20 @@ def run(args) -> list[dict]:
         for side in SIDES:
             run_dir = args.out / side.lower() / f"{arch}-{key.split('.')[-1]}-{value}"
             cfg = point_config(arch, key, value, args.steps, run_dir, sets)
-            t0 = time.perf_counter()
-            if side == "SAELens":
+            t0, done = time.perf_counter(), False
+            if args.reuse:
+                done = (
+                    saelens_runner.finished(cfg, run_dir, SAELENS[arch]) is not None
+                    if side == "SAELens"
+                    else (run_dir / "eval.json").is_file() and sae_run.is_complete(cfg)
+                )
+            if side == "SAELens" and not done:
                 saelens_runner.train_saelens(cfg, run_dir, SAELENS[arch])
-            else:
+            elif not done:
                 sae_run.train(cfg, progress=False)
-            seconds = time.perf_counter() - t0
+            seconds = None if done else round(time.perf_counter() - t0, 1)
             ev = evaluate(saelens_view(side, run_dir), model, args.samples, args.seed + 1)
-            rows.append({"side": side, "arch": arch, key: value, "seconds": round(seconds, 1), **ev})
+            rows.append({"side": side, "arch": arch, key: value, "seconds": seconds, **ev})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -153,7 +160,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override, every run"
     )
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs of the same config found in --out")
+    ap.add_argument("--torch-threads", type=int, default=1, help=TORCH_THREADS)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
     t0 = time.perf_counter()
     rows = run(args)
     report = table(rows) + "\n"
