@@ -187,15 +187,15 @@ def matched(points: list[dict], tol: float = MATCH) -> list[dict]:
 
 def matched_table(rows: list[dict], tol: float = MATCH) -> str:
     def cell(p, metric):
-        return f"{p[metric]:.3f} ({p['arch']} {setting(p, short=True)}, L0 {p['l0']:.1f})"
+        return f"{p[metric]:.4f} ({p['arch']} {setting(p, short=True)}, L0 {p['l0']:.1f})"
 
     out = [
-        f"| L0 (+-{tol:.0%}) | sae-jax best FVU | SAELens best FVU | sae-jax best MCC | SAELens best MCC |",
+        f"| L0 window (a SAELens point's +-{tol:.0%}) | sae-jax best FVU | SAELens best FVU | sae-jax best MCC | SAELens best MCC |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [cell(r[side][m], m) for m in ("fvu", "mcc") for side in SIDES]
-        out.append(f"| {r['l0']:.1f} | " + " | ".join(cells) + " |")
+        out.append(f"| {r['l0'] * (1 - tol):.2f}-{r['l0'] * (1 + tol):.2f} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
