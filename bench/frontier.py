@@ -1,12 +1,16 @@
 """The quality frontier: every architecture over a sweep of sparsity at a fixed token budget, on realistic
-synthetic ground truth; FVU-vs-L0 and MCC-vs-L0 in one PNG, and the numbers as JSON and a markdown table.
+synthetic ground truth, trained by sae-jax and by SAELens's own trainers on the same batches; FVU-vs-L0 and
+MCC-vs-L0 in one PNG, the numbers as JSON and a markdown table, and both sides compared at matched L0.
 
-    python bench/frontier.py --out runs/frontier            # the default sweep (tens of minutes on 2 CPU cores)
-    python bench/frontier.py --out runs/frontier --quick    # two points per architecture, a smaller set
+    python bench/frontier.py --out runs/frontier            # the full sweep, both sides (an hour or so on 2 CPU cores)
+    python bench/frontier.py --out runs/frontier --quick    # the middle two values of each sweep
+    python bench/frontier.py --out runs/frontier --reuse    # keep the finished runs in --out, train the rest
 
-Each point is one `sae_jax.run.train` run; its eval.json gives L0 and FVU (1 - explained variance) on unseen
-batches and the ground-truth scores. SAELens's trainers are not run here yet (`sae-lens` was not installed
-in this checkout's environment when this was written).
+Every setting but the swept one comes from configs/realistic.yaml (`--set KEY=VALUE` overrides it for every run,
+both sides). Each point of ours is one `sae_jax.run.train` run; each SAELens point is one
+`bench.saelens_runner.train_saelens` run (SAELens's `SAETrainer.fit` on the same batches, budget and schedule,
+saved by SAELens, read back by our SAELens loader). Both write eval.json through `sae_jax.run.final_eval`: L0 and
+FVU (1 - explained variance) on unseen batches and the ground-truth scores, so both sides are scored by one code path.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,36 +26,77 @@ sys.path.insert(0, str(ROOT))
 
 REALISTIC = ROOT / "configs" / "realistic.yaml"  # the set tests/test_arch_recovery.py trains on
 
-# What each architecture sweeps: (key, values), and its fixed settings (the best found on this set).
+# What each architecture sweeps: (key, values). Everything else is the config's.
 SWEEPS = {
-    "relu": ("train.l1_coefficient", [1.0, 2.0, 3.0, 5.0], ["train.lr=2e-3"]),
-    "topk": ("sae.k", [3, 4, 5, 8], ["sae.unit_norm_decoder=true", "train.lr=1e-2"]),
-    "batchtopk": ("sae.k", [2, 3, 4, 6], ["train.lr=1e-2"]),  # free decoder rows (the default)
-    "jumprelu": (
-        "sae.l0_coefficient",
-        [5.0, 10.0, 20.0, 40.0],
-        ["train.lr=2e-3", "sae.jumprelu_bandwidth=0.2", "sae.jumprelu_pre_act_coefficient=1e-3"],
-    ),
-    "matryoshka": ("sae.k", [2, 3, 4, 6], ["train.lr=1e-2"]),
+    "relu": ("train.l1_coefficient", [1.0, 2.0, 3.0, 5.0]),
+    "topk": ("sae.k", [3, 4, 5, 8]),
+    "batchtopk": ("sae.k", [3, 4, 5, 8]),
+    "jumprelu": ("sae.l0_coefficient", [0.5, 1.0, 2.0, 4.0]),
+    "matryoshka": ("sae.k", [3, 4, 5, 8]),
 }
+# SAELens's side: `saelens_runner.saelens_config` translates the config key by key (our relu is SAELens's
+# "standard", matryoshka its "matryoshka_batchtopk"); these are SAELens's own recipe choices laid over it, where
+# its defaults differ from ours: x - b_dec encoded, and the topk family's code taken on decoder-norm-rescaled
+# pre-activations (its stand-in for unit-norm decoder rows).
+SAELENS = {
+    "relu": {"apply_b_dec_to_input": True},
+    "topk": {"apply_b_dec_to_input": True, "rescale_acts_by_decoder_norm": True},
+    "batchtopk": {"apply_b_dec_to_input": True, "rescale_acts_by_decoder_norm": True},
+    "jumprelu": {"apply_b_dec_to_input": True},
+    "matryoshka": {"apply_b_dec_to_input": True, "rescale_acts_by_decoder_norm": True},
+}
+SIDES = ("sae-jax", "SAELens")
+TORCH_THREADS = (
+    "threads of SAELens's torch (1: these matmuls gain nothing from more; measured 2.4x faster than 2 on a loaded "
+    "2-core machine)"
+)
+MATCH = 0.1  # matched L0: within +-10%
 
 
-def run_point(out: Path, arch: str, key: str, value, fixed: list[str], steps: int) -> dict:
+def point_config(arch: str, key: str, value, steps: int, run_dir: Path, sets: list[str]):
     from sae_jax.config import load_config
-    from sae_jax.run import train
 
-    run_dir = out / f"{arch}-{key.split('.')[-1]}-{value}"
-    sets = fixed + [
-        f"sae.architecture={arch}",
-        f"{key}={value}",
-        f"train.steps={steps}",
-        f"run.save_every={steps}",
-        f"run.out_dir={run_dir}",
-    ]
-    train(load_config(REALISTIC, sets), progress=False)
-    ev = json.loads((run_dir / "eval.json").read_text())
+    return load_config(
+        REALISTIC,
+        sets
+        + [
+            f"sae.architecture={arch}",
+            f"{key}={value}",
+            f"train.steps={steps}",
+            f"run.save_every={steps}",
+            f"run.out_dir={run_dir}",
+        ],
+    )
+
+
+def run_point(side: str, out: Path, arch: str, key: str, value, steps: int, sets: list[str], train: bool, reuse: bool):
+    """One sweep point of `side`: its finished run in `out` when `reuse` or not `train`, else trained now.
+
+    None when it is neither finished nor trained."""
+    from bench import saelens_runner
+    from sae_jax import run
+
+    run_dir = out / side.lower() / f"{arch}-{key.split('.')[-1]}-{value}"
+    cfg = point_config(arch, key, value, steps, run_dir, sets)
+    ev, seconds = None, None
+    if reuse or not train:
+        if side == "SAELens":
+            ev = saelens_runner.finished(cfg, run_dir, SAELENS[arch])
+        elif (run_dir / "eval.json").is_file() and run.is_complete(cfg):
+            ev = json.loads((run_dir / "eval.json").read_text())
+    if ev is None and train:
+        t0 = time.perf_counter()
+        if side == "SAELens":
+            ev = saelens_runner.train_saelens(cfg, run_dir, SAELENS[arch])
+        else:
+            run.train(cfg, progress=False)
+            ev = json.loads((run_dir / "eval.json").read_text())
+        seconds = round(time.perf_counter() - t0, 1)
+    if ev is None:
+        return None
     g = ev["ground_truth"]
     return {
+        "side": side,
         "arch": arch,
         key: value,
         "l0": ev["l0"],
@@ -60,7 +106,13 @@ def run_point(out: Path, arch: str, key: str, value, fixed: list[str], steps: in
         "f1": g["f1"],
         "absorption": g.get("absorption"),
         "dead": ev["dead_fraction"],
+        "seconds": seconds,  # None: reused
     }
+
+
+def setting(p: dict, short: bool = False) -> str:
+    """The swept key and value: `sae.k=4`, or `k=4` when `short`."""
+    return next(f"{k.split('.')[-1] if short else k}={v}" for k, v in p.items() if "." in k)
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -69,18 +121,31 @@ def plot(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for arch in dict.fromkeys(p["arch"] for p in points):
-        ps = sorted((p for p in points if p["arch"] == arch), key=lambda p: p["l0"])
-        a.plot([p["l0"] for p in ps], [p["fvu"] for p in ps], "o-", label=arch)
-        b.plot([p["l0"] for p in ps], [p["mcc"] for p in ps], "o-", label=arch)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
+    colors = {arch: f"C{i}" for i, arch in enumerate(dict.fromkeys(p["arch"] for p in points))}
+    style = {"sae-jax": ("o", "-"), "SAELens": ("s", "--")}
+    for side in SIDES:
+        for arch, color in colors.items():
+            ps = sorted((p for p in points if p["arch"] == arch and p["side"] == side), key=lambda p: p["l0"])
+            if not ps:
+                continue
+            marker, line = style[side]
+            kw = dict(
+                color=color,
+                marker=marker,
+                linestyle=line,
+                label=f"{arch} ({side})",
+                mfc="none" if side == "SAELens" else color,
+            )
+            a.plot([p["l0"] for p in ps], [p["fvu"] for p in ps], **kw)
+            b.plot([p["l0"] for p in ps], [p["mcc"] for p in ps], **kw)
     a.set(
         xlabel="L0 (held-out)", ylabel="FVU = 1 - explained variance", title="Reconstruction vs sparsity", xscale="log"
     )
     b.set(
         xlabel="L0 (held-out)", ylabel="MCC vs true directions", title="Ground-truth recovery vs sparsity", xscale="log"
     )
-    a.legend(), b.legend()
+    b.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -88,35 +153,90 @@ def plot(points: list[dict], path: Path) -> None:
 
 
 def table(points: list[dict]) -> str:
-    rows = ["| arch | setting | L0 | FVU | MCC | recovered | F1 | absorption |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| side | arch | setting | L0 | FVU | MCC | recovered | F1 | absorption | dead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in points:
-        setting = next(f"{k}={v}" for k, v in p.items() if "." in k)
         ab = "-" if p["absorption"] is None else f"{p['absorption']:.2f}"
         rows.append(
-            f"| {p['arch']} | {setting} | {p['l0']:.1f} | {p['fvu']:.3f} | {p['mcc']:.3f} | {p['recovered']:.2f} | {p['f1']:.2f} | {ab} |"
+            f"| {p['side']} | {p['arch']} | {setting(p)} | {p['l0']:.1f} | {p['fvu']:.3f} | {p['mcc']:.3f} "
+            f"| {p['recovered']:.2f} | {p['f1']:.2f} | {ab} | {p['dead']:.2f} |"
         )
     return "\n".join(rows)
+
+
+def matched(points: list[dict], tol: float = MATCH) -> list[dict]:
+    """At each SAELens point's L0 (+-tol), the best FVU and the best MCC of each side among the points there.
+
+    Windows holding the same points as the previous one are left out."""
+    rows, seen = [], set()
+    for anchor in sorted({p["l0"] for p in points if p["side"] == "SAELens"}):
+        near = [p for p in points if abs(p["l0"] - anchor) <= tol * anchor]
+        key = frozenset(id(p) for p in near)
+        sides = {s: [p for p in near if p["side"] == s] for s in SIDES}
+        if key in seen or not all(sides.values()):
+            continue
+        seen.add(key)
+        row = {"l0": anchor}
+        for s, ps in sides.items():
+            row[s] = {"fvu": min(ps, key=lambda p: p["fvu"]), "mcc": max(ps, key=lambda p: p["mcc"])}
+        rows.append(row)
+    return rows
+
+
+def matched_table(rows: list[dict], tol: float = MATCH) -> str:
+    def cell(p, metric):
+        return f"{p[metric]:.4f} ({p['arch']} {setting(p, short=True)}, L0 {p['l0']:.1f})"
+
+    out = [
+        f"| L0 window (a SAELens point's +-{tol:.0%}) | sae-jax best FVU | SAELens best FVU | sae-jax best MCC | SAELens best MCC |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [cell(r[side][m], m) for m in ("fvu", "mcc") for side in SIDES]
+        out.append(f"| {r['l0'] * (1 - tol):.2f}-{r['l0'] * (1 + tol):.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/frontier"))
-    ap.add_argument("--steps", type=int, default=800, help="steps per run: the token budget is steps * 512")
-    ap.add_argument("--arch", nargs="*", default=list(SWEEPS))
+    ap.add_argument("--steps", type=int, default=800, help="steps per run: the token budget is steps * batch_size")
+    ap.add_argument("--arch", nargs="*", default=list(SWEEPS), choices=list(SWEEPS))
     ap.add_argument("--quick", action="store_true", help="the middle two values of each sweep")
+    ap.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override, every run"
+    )
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs of the same config found in --out")
+    side = ap.add_mutually_exclusive_group()
+    side.add_argument("--no-saelens", action="store_true", help="train ours only (finished SAELens runs still shown)")
+    side.add_argument(
+        "--only-saelens", action="store_true", help="train SAELens's only (finished runs of ours still shown)"
+    )
+    ap.add_argument("--torch-threads", type=int, default=1, help=TORCH_THREADS)
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    points = []
+    trains = {"sae-jax": not args.only_saelens, "SAELens": not args.no_saelens}
+    points, t0 = [], time.perf_counter()
     for arch in args.arch:
-        key, values, fixed = SWEEPS[arch]
+        key, values = SWEEPS[arch]
         for v in values[1:3] if args.quick else values:
-            points.append(run_point(args.out, arch, key, v, fixed, args.steps))
-            print(json.dumps(points[-1]), flush=True)
-    (args.out / "frontier.json").write_text(json.dumps(points, indent=1) + "\n")
-    (args.out / "frontier.md").write_text(table(points) + "\n")
+            for s in SIDES:
+                p = run_point(s, args.out, arch, key, v, args.steps, args.sets, trains[s], args.reuse)
+                if p is not None:
+                    points.append(p)
+                    print(json.dumps(p), flush=True)
+    rows = matched(points)
+    report = table(points) + "\n\nMatched L0:\n\n" + matched_table(rows) + "\n"
+    (args.out / "frontier.json").write_text(json.dumps({"points": points, "matched": rows}, indent=1) + "\n")
+    (args.out / "frontier.md").write_text(report)
     plot(points, args.out / "frontier.png")
-    print(table(points))
-    print(f"wrote {args.out / 'frontier.png'}, frontier.json, frontier.md")
+    print(report)
+    print(f"{time.perf_counter() - t0:.0f} s; wrote {args.out / 'frontier.png'}, frontier.json, frontier.md")
     return 0
 
 
