@@ -2,15 +2,18 @@
 
 The set, configs/realistic.yaml: 128 true features in D = 32 (4x more than D), Zipf-like frequencies (a = 0.5),
 correlated groups of 8 (0.3), 4 parents with 3 children each, magnitudes spread exp(N(0, 0.3^2)); N = 512
-latents, 800 steps of 512 tokens. Each recipe at its natural L0 (the true one is 5; relu's L1 sets its own),
-the yaml's training settings and the recipe's defaults otherwise. Measured (2-core CPU, seeds 0 / 1 of
-train.seed and data.seed): recovered at cos >= 0.9, MCC
+latents, 800 steps of 512 tokens. Each recipe at its natural L0 (the true one is 5; relu's L1 sets its own and
+counts small activations), the yaml's training settings and the recipe's defaults otherwise. Measured (2-core
+CPU, seeds 0 / 1 of train.seed and data.seed): recovered at cos >= 0.9, MCC
   topk (unit-norm decoder, k = 5)   0.930 / 0.938   0.968 / 0.969
-  relu (L1 2, L0 ~13)               0.906 / 0.898   0.957 / 0.959
+  relu (L1 1.5, L0 ~18)             0.914 / 0.914   0.955 / 0.956
   batchtopk (k = 5)                 0.867 / 0.891   0.940 / 0.948
   matryoshka (k = 5, prefix N/2)    0.883 / 0.883   0.946 / 0.947
   jumprelu (lambda 1, L0 ~4.6)      0.852 / 0.867   0.931 / 0.932
-The test runs seed 0; each floor is the lower seed less a small margin, so a regression shows.
+batchtopk, matryoshka and jumprelu miss the 0.9 target here because of the magnitude spread: the features they
+miss are the weak ones (median typical magnitude 0.68 against 1.03 overall), and with magnitude_spread 0 they
+recover 0.922, 0.914 and 0.969. The test runs seed 0; each floor is the lower seed less a small margin (2-3
+features), so a regression shows.
 """
 
 import json
@@ -24,10 +27,10 @@ from sae_jax.run import train
 REALISTIC = Path(__file__).resolve().parents[1] / "configs" / "realistic.yaml"
 CASES = {  # name: (settings, recovered >=, mcc >=)
     "topk": (["sae.architecture=topk", "sae.k=5", "sae.unit_norm_decoder=true"], 0.9, 0.95),
-    "relu": (["sae.architecture=relu", "train.l1_coefficient=2"], 0.9, 0.94),
-    "batchtopk": (["sae.architecture=batchtopk", "sae.k=5"], 0.83, 0.92),
-    "matryoshka": (["sae.architecture=matryoshka", "sae.k=5"], 0.83, 0.92),
-    "jumprelu": (["sae.architecture=jumprelu"], 0.8, 0.91),
+    "relu": (["sae.architecture=relu", "train.l1_coefficient=1.5"], 0.9, 0.94),
+    "batchtopk": (["sae.architecture=batchtopk", "sae.k=5"], 0.84, 0.92),
+    "matryoshka": (["sae.architecture=matryoshka", "sae.k=5"], 0.85, 0.93),
+    "jumprelu": (["sae.architecture=jumprelu"], 0.82, 0.91),
 }
 
 
