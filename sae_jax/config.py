@@ -68,7 +68,7 @@ class SAEConfig:
     )
     matryoshka_prefixes: list = opt(
         [],
-        "matryoshka: inner prefix sizes, increasing, each in [k, N); N is always the last. []: N/8, N/4, N/2.",
+        "matryoshka: inner prefix sizes, increasing, each in [k, N); N is always the last. []: N/2.",
     )
     jumprelu_bandwidth: float = opt(
         0.05,
@@ -85,9 +85,13 @@ class SAEConfig:
         "jumprelu: 'l0', sum_i H(pre_i - theta_i) (Rajamanoharan 2024), or 'tanh' (Anthropic, January 2025).",
     )
     jumprelu_tanh_scale: float = opt(4.0, "jumprelu, sparsity 'tanh': c (Anthropic, January 2025).")
+    # Anthropic's January 2025 update trains JumpReLU with this loss to revive dead latents, and SAELens's jumprelu
+    # has it (pre_act_loss_coefficient; 3e-6 in its recipe for Anthropic's setup, other units). 3e-3 measured here:
+    # on configs/realistic.yaml it left 30% of latents dead against 78% without, recovery 0.84 -> 0.85, MCC
+    # 0.92 -> 0.93.
     jumprelu_pre_act_coefficient: float = opt(
-        0.0,
-        "jumprelu: lambda_p of the pre-activation loss that revives dead latents (Anthropic 2025).",
+        3e-3,
+        "jumprelu: lambda_p of the pre-activation loss that revives dead latents (Anthropic, January 2025; SAELens).",
     )
 
     @property

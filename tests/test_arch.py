@@ -129,7 +129,7 @@ def test_matryoshka_loss_sums_the_prefix_reconstructions():
     recon = sum(np.mean(((f[:, :m] @ W[:m] + b - xn) ** 2).sum(1)) for m in (4, 12, N))
     np.testing.assert_allclose(float(loss - cfg.train.auxk_coefficient * parts.auxk), recon, rtol=1e-5)
     assert matryoshka.prefixes(cfg.sae, N) == [4, 12, N]
-    assert matryoshka.prefixes(config("matryoshka").sae, N) == [4, 8, 16, N]
+    assert matryoshka.prefixes(config("matryoshka").sae, N) == [N // 2, N]
 
 
 # --- gradients against jax.grad of plain references ---------------------------------

@@ -1,13 +1,13 @@
 """batchtopk (Bussmann, Leask & Nanda 2024): the B*k largest ReLU'd pre-activations of the whole batch are kept.
 
-Loss |x - x_hat|^2 + alpha AuxK, as topk. A token may hold more or fewer than k codes; the batch holds B*k.
-Inference cannot see the batch, so a global threshold theta is kept as a running estimate of the smallest
-kept activation, theta <- (1 - r) theta + r min(kept) after every step (r = `sae.batchtopk_threshold_lr`,
-0.01 as in SAELens), starting at 0; the SAE exports as jumprelu with that theta for every latent (how SAELens
-saves it). theta lives in `params.threshold` (N equal entries): no gradient reaches it, the step sets it.
-Decoder rows free by default, as SAELens trains it: Bussmann 2024's unit-norm rows (`sae.unit_norm_decoder`)
-recovered fewer true features on the realistic synthetic set (k = 4: 0.45 against 0.79 with free rows,
-tests/test_arch_recovery.py's set).
+Loss |x - x_hat|^2 + alpha AuxK, as topk. A token may hold more or fewer than k codes; the batch holds B*k
+(fewer where fewer than B*k pre-activations are positive). Inference cannot see the batch, so a global
+threshold theta is kept as a running estimate of the smallest positive kept activation,
+theta <- (1 - r) theta + r min(kept) after every optimizer step (r = `sae.batchtopk_threshold_lr`, 0.01 as in
+SAELens), starting at 0; the SAE exports as jumprelu with that theta for every latent (how SAELens saves it).
+theta lives in `params.threshold` (N equal entries): no gradient reaches it, `update_threshold` sets it.
+Decoder rows free by default: Bussmann 2024's unit-norm rows (`sae.unit_norm_decoder`) recovered fewer true
+features on configs/realistic.yaml (k = 5: 0.69, 79% of latents dead, against 0.87 with free rows).
 """
 
 from __future__ import annotations

@@ -17,8 +17,12 @@ from sae_jax.loss import matmul, squared_error
 
 
 def prefixes(s, n_latents: int) -> list[int]:
-    """The nested sizes, ending at N; `sae.matryoshka_prefixes` or N/8, N/4, N/2 when unset."""
-    inner = list(s.matryoshka_prefixes) or [n_latents // 8, n_latents // 4, n_latents // 2]
+    """The nested sizes, ending at N; `sae.matryoshka_prefixes` or N/2 when unset.
+
+    One inner prefix by default: on configs/realistic.yaml (k = 5) N/2 recovered 0.88 of the true features against
+    0.80 with N/8, N/4, N/2; the small prefixes leave too few latents for the frequent features.
+    """
+    inner = list(s.matryoshka_prefixes) or [n_latents // 2]
     return sorted({m for m in inner if 0 < m < n_latents}) + [n_latents]
 
 
