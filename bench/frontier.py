@@ -28,7 +28,7 @@ REALISTIC = ROOT / "configs" / "realistic.yaml"  # the set tests/test_arch_recov
 
 # What each architecture sweeps: (key, values). Everything else is the config's.
 SWEEPS = {
-    "relu": ("train.l1_coefficient", [1.0, 2.0, 3.0, 5.0]),
+    "relu": ("train.l1_coefficient", [1.0, 1.5, 2.0, 3.0]),
     "topk": ("sae.k", [3, 4, 5, 8]),
     "batchtopk": ("sae.k", [3, 4, 5, 8]),
     "jumprelu": ("sae.l0_coefficient", [0.5, 1.0, 2.0, 4.0]),
