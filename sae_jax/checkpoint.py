@@ -50,7 +50,9 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpoints:
-    def __init__(self, directory: str | Path, keep: int):
+    def __init__(self, directory: str | Path, keep: int, leaf_bytes: int | None = None):
+        """`leaf_bytes`: the state's largest leaf in bytes; saves then write one such leaf at a time
+        (`one_leaf_at_a_time`), else every leaf at once."""
         self.directory = Path(directory).absolute()
         self._pending: int | None = None  # the step of the save that may still be in flight
         options = ocp.CheckpointManagerOptions(
@@ -62,8 +64,11 @@ class Checkpoints:
         )
         if self.directory.exists() and not self.directory.is_dir():  # orbax would fail only at the first save
             raise CheckpointError(f"{self.directory}: expected a checkpoint directory, found a file")
+        # The state's own handler; meta's is orbax's default (registered at the first save).
+        state = ocp.StandardCheckpointHandler(**one_leaf_at_a_time(leaf_bytes)) if leaf_bytes else None
+        registry = ocp.handlers.create_default_handler_registry(state=state) if state else None
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
         except Exception as e:  # orbax raises what the file system says, wrapped or not
             raise CheckpointError(f"{self.directory}: cannot open the checkpoint directory ({cause(e)})") from None
 
@@ -139,6 +144,22 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def one_leaf_at_a_time(leaf_bytes: int) -> dict:
+    """StandardCheckpointHandler's options that let one leaf of `leaf_bytes` (the largest) be written at a time.
+
+    Orbax writes every leaf at once by default, each holding tensorstore's encoded copy of it until written: the
+    whole state twice over at the peak. Its byte limit (orbax 0.12: `save_concurrent_gb`, times 1e9 bytes)
+    admits a leaf while the bytes in flight are under it and refuses a leaf of the limit or more, so the
+    largest leaf plus 1 MB lets that leaf in alone and small leaves beside it.
+    """
+    return dict(save_concurrent_gb=(leaf_bytes + 2**20) / 1e9)
+
+
+def largest_leaf_bytes(tree: Any) -> int:
+    """The bytes of the largest array in `tree` (arrays or ShapeDtypeStructs)."""
+    return max((int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)), default=0)
 
 
 def _everywhere(ok: bool) -> bool:
