@@ -74,7 +74,7 @@ def exported_sae(state: TrainState, cfg: Config, scale: float, source: str) -> S
         source=source,
         metadata=json.dumps(meta, sort_keys=True) if meta else "",
     )
-    return fold_input_scale(SAE(sharding.to_host(state.params), spec))
+    return fold_input_scale(SAE(sharding.gathered(state.params), spec))
 
 
 def training_metadata(cfg: Config) -> dict:
