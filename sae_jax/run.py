@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from sae_jax import sharding
 from sae_jax.atomic import atomic_write_text, remove_leftovers
-from sae_jax.checkpoint import Checkpoints
+from sae_jax.checkpoint import Checkpoints, largest_leaf_bytes
 from sae_jax.config import Config, ConfigError, to_dict
 from sae_jax.data import Source, make_source
 from sae_jax.errors import Interrupted, NonFiniteError
@@ -74,7 +74,7 @@ def exported_sae(state: TrainState, cfg: Config, scale: float, source: str) -> S
         source=source,
         metadata=json.dumps(meta, sort_keys=True) if meta else "",
     )
-    return fold_input_scale(SAE(sharding.to_host(state.params), spec))
+    return fold_input_scale(SAE(sharding.gathered(state.params), spec))
 
 
 def training_metadata(cfg: Config) -> dict:
@@ -203,10 +203,11 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True, 
     )
     source = make_source(cfg)
     run_dir = open_run_dir(cfg)
-    ckpts = Checkpoints(run_dir / "checkpoints", cfg.run.keep)
+    like = abstract_state(cfg)
+    ckpts = Checkpoints(run_dir / "checkpoints", cfg.run.keep, largest_leaf_bytes(like))
     metrics_path = run_dir / "metrics.jsonl"
     try:
-        restored = ckpts.restore_latest(abstract_state(cfg))
+        restored = ckpts.restore_latest(like)
         if restored:
             start, state, meta = restored
             say(f"resuming {run_dir} from checkpoint {start}")
@@ -275,6 +276,9 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
     t, B = cfg.train, cfg.data.batch_size
     step_fn, put = make_step(cfg), batch_placer(cfg)
     scale_dev = jnp.float32(scale)
+    # On the CPU the step's temporaries are host memory: waiting for each step (once the next batch is ready)
+    # keeps one step's in use at a time. On an accelerator the host is free to run ahead.
+    one_at_a_time = jax.default_backend() == "cpu"
     end = t.steps if stop_after is None else min(t.steps, stop_after)
     bar = tqdm(
         total=t.steps, initial=start, disable=not progress or not writes_files(), unit="step", dynamic_ncols=True
@@ -300,6 +304,8 @@ def _loop(cfg, state, start, scale, source, ckpts, metrics_path, stop_after, pro
             # The next batch is prepared while the step runs; `pos` is where it starts.
             pos = source.state()
             x = put(source.next_batch()) if done < end else None
+            if one_at_a_time:
+                jax.block_until_ready(state)
             log_now = done % cfg.run.log_every == 0 or done == t.steps
             save_now = done % cfg.run.save_every == 0 or done == t.steps
             if log_now or save_now:

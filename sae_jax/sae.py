@@ -152,17 +152,23 @@ def forward(sae: SAE, x: jax.Array) -> Forward:
 
 
 def fold_input_scale(sae: SAE) -> SAE:
-    """The same function of raw activations with `input_scale` folded into the weights (scale 1)."""
+    """The same function of raw activations with `input_scale` folded into the weights (scale 1).
+
+    Each weight is computed once: a param already in float32 or in its stored dtype is not copied to get there
+    (numpy's `astype` copies unless told not to), so the fold of a release-size SAE holds one new copy of it.
+    """
     c = sae.spec.input_scale
     p = sae.params
     dt = jnp.dtype(sae.spec.dtype)
+    f32 = lambda a: a.astype(jnp.float32, copy=False)
+    out = lambda a: a.astype(dt, copy=False)
     folded = SAEParams(
-        W_enc=(p.W_enc.astype(jnp.float32) * c).astype(dt),
-        b_enc=p.b_enc.astype(dt),
-        W_dec=(p.W_dec.astype(jnp.float32) / c).astype(dt),
-        b_dec=(p.b_dec.astype(jnp.float32) / c).astype(dt),
+        W_enc=out(f32(p.W_enc) * c),
+        b_enc=out(p.b_enc),
+        W_dec=out(f32(p.W_dec) / c),
+        b_dec=out(f32(p.b_dec) / c),
         # Pre-activations are unchanged by the fold (the scale moves into W_enc), so the threshold is too.
-        threshold=None if p.threshold is None else p.threshold.astype(dt),
+        threshold=None if p.threshold is None else out(p.threshold),
     )
     return SAE(folded, dataclasses.replace(sae.spec, input_scale=1.0))
 

@@ -174,6 +174,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def gathered(tree: Any) -> Any:
+    """Every array leaf whole on this process: one spanning several processes gathered from them (as `to_host`),
+    the others as they are, with no copy.
+
+    With several processes, every one must call it with the same tree (the gathers are collectives).
+    """
+    whole = lambda a: not isinstance(a, jax.Array) or a.is_fully_addressable
+    return jax.tree.map(lambda a: a if whole(a) else to_host(a), tree)
+
+
 def to_host(tree: Any) -> Any:
     """Every array leaf as a numpy array of its whole value; one spanning several processes is gathered from them.
 

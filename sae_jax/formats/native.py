@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from sae_jax.checkpoint import largest_leaf_bytes, one_leaf_at_a_time
 from sae_jax.formats.common import (
     SAEFormatError,
     check_finite,
@@ -46,9 +47,8 @@ def write_jax(sae: SAE, folder: Path) -> None:
     params = {name: getattr(sae.params, name) for name in sae.spec.shapes()}
     # This process alone writes (process 0 of a multi-process run): orbax must not wait for the others.
     alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
-    with ocp.StandardCheckpointer(
-        multiprocessing_options=alone
-    ) as ckptr:  # leaving the block waits for the async write
+    one_leaf = one_leaf_at_a_time(largest_leaf_bytes(params))
+    with ocp.StandardCheckpointer(multiprocessing_options=alone, **one_leaf) as ckptr:  # leaving waits for the write
         ckptr.save((folder / PARAMS).absolute(), params)
 
 
