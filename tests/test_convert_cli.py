@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -23,6 +24,23 @@ def run(script: str, *args) -> subprocess.CompletedProcess:
         cwd=REPO,
         timeout=120,
     )
+
+
+def shim(script: str):
+    """convert/SCRIPT as a module: its `main(argv)` is all `python convert/SCRIPT` runs."""
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), REPO / "convert" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_here(capsys, script: str, *args) -> subprocess.CompletedProcess:
+    """`run(script, *args)` in this process, for the error cases and the overwrite check (a new interpreter per call
+    would only add its start-up); the round trips and the damaged checkpoint run the real scripts."""
+    capsys.readouterr()
+    rc = shim(script).main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
 
 
 def assert_error(p: subprocess.CompletedProcess, *fragments) -> None:
@@ -86,14 +104,17 @@ def test_release_to_jax_to_safetensors_and_saelens(release, tmp_path):
     assert p.returncode == 0 and p.stdout.endswith("bfloat16, layer 9 output)\n")
 
 
-def test_existing_destination_and_overwrite(release, tmp_path):
+def test_existing_destination_and_overwrite(release, tmp_path, capsys):
     src, _ = release
     (tmp_path / "out.pt").write_bytes(b"keep")
     assert_error(
-        run("jax_to_torch.py", src, tmp_path / "out.pt"), str(tmp_path / "out.pt"), "destination exists", "--overwrite"
+        run_here(capsys, "jax_to_torch.py", src, tmp_path / "out.pt"),
+        str(tmp_path / "out.pt"),
+        "destination exists",
+        "--overwrite",
     )
     assert (tmp_path / "out.pt").read_bytes() == b"keep"
-    p = run("jax_to_torch.py", src, tmp_path / "out.pt", "--overwrite")
+    p = run_here(capsys, "jax_to_torch.py", src, tmp_path / "out.pt", "--overwrite")
     assert p.returncode == 0 and torch.load(tmp_path / "out.pt", weights_only=True).keys() == {
         "encoder.weight",
         "encoder.bias",
@@ -102,7 +123,7 @@ def test_existing_destination_and_overwrite(release, tmp_path):
     }
 
 
-def test_bad_inputs_give_one_line(tmp_path):
+def test_bad_inputs_give_one_line(tmp_path, capsys):
     torch.save(
         {
             "encoder.weight": torch.zeros(D, N),
@@ -113,16 +134,17 @@ def test_bad_inputs_give_one_line(tmp_path):
         tmp_path / "t.pt",
     )
     assert_error(
-        run("torch_to_jax.py", tmp_path / "t.pt", tmp_path / "x"),
+        run_here(capsys, "torch_to_jax.py", tmp_path / "t.pt", tmp_path / "x"),
         "torch_to_jax: error:",
         "t.pt: encoder.weight: expected shape [32, 8], found [8, 32] (transposed)",
     )
     assert_error(
-        run("torch_to_jax.py", tmp_path / "missing.pt", tmp_path / "x"), "missing.pt: no such file or directory"
+        run_here(capsys, "torch_to_jax.py", tmp_path / "missing.pt", tmp_path / "x"),
+        "missing.pt: no such file or directory",
     )
     (tmp_path / "trunc.safetensors").write_bytes(b"\x10\x00\x00")
     assert_error(
-        run("jax_to_torch.py", tmp_path / "trunc.safetensors", tmp_path / "y.pt"),
+        run_here(capsys, "jax_to_torch.py", tmp_path / "trunc.safetensors", tmp_path / "y.pt"),
         "jax_to_torch: error:",
         "trunc.safetensors: truncated",
     )

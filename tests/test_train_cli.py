@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sae_jax.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +17,16 @@ def run_train(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300
     )
+
+
+def train_here(capsys, *args) -> subprocess.CompletedProcess:
+    """What `python train.py ARGS` runs (the shim's one call), in this process: for the errors found before any
+    work starts, where a new interpreter per case would only add its start-up. The tests below that train, stop
+    or print usage run the real script."""
+    capsys.readouterr()
+    rc = main(["train", *map(str, args)], prog="train.py")
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
 
 
 def write(tmp_path, text):
@@ -48,25 +60,25 @@ def write(tmp_path, text):
         ("[1, 2]\n", [], "expected a mapping at the top level"),
     ],
 )
-def test_bad_config_is_one_line(tmp_path, yaml_text, sets, expected):
+def test_bad_config_is_one_line(tmp_path, capsys, yaml_text, sets, expected):
     args = ["--config", write(tmp_path, yaml_text)]
     for s in sets:
         args += ["--set", s]
-    r = run_train(*args)
+    r = train_here(capsys, *args)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert expected in r.stderr
     assert not (tmp_path / "runs").exists()
 
 
-def test_missing_config_file_is_one_line(tmp_path):
-    r = run_train("--config", str(tmp_path / "nope.yaml"))
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    r = train_here(capsys, "--config", str(tmp_path / "nope.yaml"))
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: expected a YAML config file, found no such file"
 
 
-def test_help_config_documents_every_key():
-    r = run_train("--help-config")
+def test_help_config_documents_every_key(capsys):
+    r = train_here(capsys, "--help-config")
     assert r.returncode == 0
     assert "train.l1_coefficient = 5.0: lambda in loss" in r.stdout
     assert "sae.hook_site = 'input'" in r.stdout
@@ -83,8 +95,8 @@ def test_no_config_prints_usage_and_starts_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unknown_key_suggests_the_closest(tmp_path):
-    r = run_train("--config", write(tmp_path, "train: {l1_coeficient: 2}\n"))
+def test_unknown_key_suggests_the_closest(tmp_path, capsys):
+    r = train_here(capsys, "--config", write(tmp_path, "train: {l1_coeficient: 2}\n"))
     assert r.returncode == 1
     assert r.stderr == "error: train.l1_coeficient: unknown key; did you mean 'l1_coefficient'?\n"
 
