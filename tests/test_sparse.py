@@ -26,6 +26,7 @@ import optax
 import pytest
 
 from sae_jax import adam, sparse, trainer
+from sae_jax.arch import matryoshka
 from sae_jax.config import load_config
 from sae_jax.trainer import (
     apply_optimizer,
@@ -39,6 +40,7 @@ from sae_jax.trainer import (
 
 TOL, TOL_BF16 = 1e-5, 1e-4
 D, EXPANSION, B = 16, 8, 64  # N = 128
+PREFIXES = (16, 64, 128)  # matryoshka's nested sizes
 ROWS = sparse.dense_rows(B)  # 4
 
 
@@ -53,8 +55,10 @@ def config(arch="relu", kernel="sparse", **extra):
         "train.steps=100",
         "train.l1_warmup_frac=0",
     ]
-    if arch == "topk":
-        sets += ["sae.architecture=topk", "sae.k=6", "train.auxk_k=16"]
+    if arch in ("topk", "batchtopk", "matryoshka"):
+        sets += [f"sae.architecture={arch}", "sae.k=6", "train.auxk_k=16"]
+    if arch == "matryoshka":
+        sets += [f"sae.matryoshka_prefixes={list(PREFIXES[:-1])}"]
     return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -83,7 +87,8 @@ def rel(a, b) -> float:
 
 
 def grads_of(cfg, state, x):
-    (loss, (out, parts)), g = jax.jit(lambda s, x: loss_and_grads(s, x, spec_from_config(cfg), cfg.train))(state, x)
+    step = lambda s, x: loss_and_grads(s, x, spec_from_config(cfg), cfg.train, cfg.sae)
+    (loss, (out, parts)), g = jax.jit(step)(state, x)
     return float(loss), out, parts, g
 
 
@@ -139,6 +144,62 @@ def test_sparse_loss_and_gradients_equal_dense(case):
     assert rel(s_out.x_hat, out.x_hat) <= tol and rel(s_out.f, out.f) <= tol
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert rel(getattr(s_g, name), getattr(g, name)) <= tol, name
+
+
+RECIPE_CASES = {  # name: (arch, extra config, relu-style path); k_max "some": the batch's 4th largest kept count
+    "batchtopk-some-over": ("batchtopk", {}, 1),
+    "batchtopk-some-over-scatter": ("batchtopk", {"train.sparse_encoder_grad": "scatter"}, 1),
+    "batchtopk-all-under": ("batchtopk", {"train.sparse_k_max": 64}, 0),
+    "batchtopk-many-over": ("batchtopk", {"train.sparse_k_max": 2}, 2),
+    "batchtopk-some-over-bf16": ("batchtopk", {"train.compute_dtype": "bfloat16"}, 1),
+    "batchtopk-some-over-unit-norm": ("batchtopk", {"sae.unit_norm_decoder": True, "sae.auxk_normalize": True}, 1),
+    "matryoshka-some-over": ("matryoshka", {}, 1),
+    "matryoshka-all-under": ("matryoshka", {"train.sparse_k_max": 64}, 0),
+    "matryoshka-many-over": ("matryoshka", {"train.sparse_k_max": 2}, 2),
+    "matryoshka-some-over-bf16": ("matryoshka", {"train.compute_dtype": "bfloat16"}, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_sparse_recipe_loss_and_gradients_equal_dense(case):
+    """batchtopk and matryoshka (`sae_jax.arch`, differentiated by JAX) against the sparse kernel, every third latent
+    dead so AuxK runs, on the mixed batch: its 3 big tokens hold 20-30 of the B*k kept codes, the others fewer."""
+    arch, extra, path = RECIPE_CASES[case]
+    x, tol = batch(mixed=True), TOL_BF16 if "bf16" in case else TOL
+    dense_cfg = config(arch, "dense", **extra)
+    state = state_with(dense_cfg, 0.0, 3)
+    loss, out, parts, g = grads_of(dense_cfg, state, x)
+    counts = np.sort(np.asarray(jnp.sum(out.f > 0, axis=-1)))
+    if path == 1:
+        extra = {**extra, "train.sparse_k_max": int(counts[-ROWS])}
+    sparse_cfg = config(arch, "sparse", **extra)
+    spec, k_max = spec_from_config(sparse_cfg), sparse_cfg.train.sparse_k_max
+    assert trainer.kernel(spec, sparse_cfg.train, sparse_cfg.sae) == "sparse"
+    assert trainer.kernel(spec, dense_cfg.train, dense_cfg.sae) == "dense"
+    assert int(jnp.sum(out.f > 0)) == B * 6 and counts.max() >= 20  # B*k kept; some tokens hold many
+    assert int(sparse.route(out.f, k_max, ROWS)[0]) == path
+    if path == 1:
+        assert 1 <= (counts > k_max).sum() <= ROWS and (counts <= k_max).sum() >= B - ROWS
+    m = trainer.kernel_metrics(out.f, spec, sparse_cfg.train, sparse_cfg.sae)
+    assert float(m["over_budget_fraction"]) * B == (counts > k_max).sum()
+    assert (float(m["dense_fallback"]), float(m["sparse_token_fraction"])) == [(0, 1), (0, 1 - ROWS / B), (1, 0)][path]
+    s_loss, s_out, s_parts, s_g = grads_of(sparse_cfg, state, x)
+    assert float(parts.auxk) > 0 and float(s_parts.auxk) == pytest.approx(float(parts.auxk), rel=tol)
+    if (
+        arch == "matryoshka"
+    ):  # the prefixes are (16, 64, 128), and their terms count: the loss exceeds recon + alpha AuxK
+        assert matryoshka.prefixes(dense_cfg.sae, dense_cfg.sae.n_latents) == list(PREFIXES)
+        assert float(parts.loss) > float(parts.recon + dense_cfg.train.auxk_coefficient * parts.auxk) + 1.0
+    assert s_loss == pytest.approx(loss, rel=tol)
+    for a, b in zip(s_parts, parts):
+        assert float(a) == pytest.approx(float(b), rel=tol, abs=1e-30)
+    np.testing.assert_array_equal(np.asarray(s_out.f), np.asarray(out.f))
+    np.testing.assert_array_equal(np.asarray(s_out.pre), np.asarray(out.pre))
+    assert rel(s_out.x_hat, out.x_hat) <= tol
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert rel(getattr(s_g, name), getattr(g, name)) <= tol, name
+    np.testing.assert_array_equal(np.asarray(s_g.threshold), np.zeros(sparse_cfg.sae.n_latents))
+    np.testing.assert_array_equal(np.asarray(g.threshold), np.zeros(sparse_cfg.sae.n_latents))
 
 
 def test_decoder_norm_penalty_is_in_the_sparse_gradient():
