@@ -219,12 +219,21 @@ TRAIN_CASES = {  # name: (arch, extra config)
     "relu-some-over-bf16": ("relu", {"train.sparse_k_max": 12, "train.compute_dtype": "bfloat16"}),
     "topk-dead": ("topk", {"train.dead_tokens": 3 * B}),
     "topk-dead-bf16": ("topk", {"train.dead_tokens": 3 * B, "train.compute_dtype": "bfloat16"}),
+    "batchtopk-some-over": ("batchtopk", {"train.sparse_k_max": 20, "train.dead_tokens": 3 * B}),
+    "batchtopk-some-over-bf16": (
+        "batchtopk",
+        {"train.sparse_k_max": 20, "train.dead_tokens": 3 * B, "train.compute_dtype": "bfloat16"},
+    ),
+    "matryoshka-some-over": ("matryoshka", {"train.sparse_k_max": 20, "train.dead_tokens": 3 * B}),
 }
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_sparse_training_follows_dense_for_8_steps(case):
-    """Params after 8 steps on mixed batches; topk with dead_tokens = 3 batches, so AuxK switches on from step 4."""
+    """Params after 8 steps on mixed batches; topk with dead_tokens = 3 batches, so AuxK switches on from step 4.
+
+    batchtopk and matryoshka: AuxK the same way, k_max = 20 leaves 2-4 tokens over it each step (dense rows), and
+    the running threshold (set from the step's code after the update) is compared too."""
     arch, extra = TRAIN_CASES[case]
     tol = TOL_BF16 if "bf16" in case else TOL
     params, metrics = {}, {}
@@ -236,13 +245,18 @@ def test_sparse_training_follows_dense_for_8_steps(case):
             state, m = step(state, batch(10 + i, mixed=True), jnp.float32(1.0))
             ms.append(jax.device_get(m))
         params[kernel], metrics[kernel] = jax.device_get(state.params), ms
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch in ("batchtopk", "matryoshka") else ())
+    for name in names:
         assert rel(getattr(params["sparse"], name), getattr(params["dense"], name)) <= tol, name
+    if "threshold" in names:  # it moved from its start, 0
+        assert np.asarray(params["dense"].threshold).min() > 0.05
     for a, b in zip(metrics["sparse"], metrics["dense"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=tol) and a["l0"] == b["l0"]
         assert (a["kernel_sparse"], b["kernel_sparse"], b["sparse_token_fraction"]) == (1, 0, 0)
+    if arch != "relu":
+        assert metrics["dense"][2]["auxk"] == 0 and metrics["dense"][3]["auxk"] > 0
     if arch == "topk":
-        assert metrics["dense"][2]["auxk"] == 0 and metrics["dense"][-1]["auxk"] > 0
+        assert metrics["dense"][-1]["auxk"] > 0
         assert all(m["sparse_token_fraction"] == 1 for m in metrics["sparse"])
     else:
         # Every step: a few tokens over the budget went dense, the rest sparse, and no step fell back whole.
