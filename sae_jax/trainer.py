@@ -116,20 +116,24 @@ NONFINITE = {1: "input activations", 2: "loss", 3: "gradients"}
 
 
 # `train.kernel: auto` takes the sparse kernel when N is at least this many times its per-token budget
-# (relu: sparse_k_max, topk: k). Measured on a 2-core CPU with a trained SAE's activation pattern
-# (bench/sae_step.py, README): at N = 32768 sparse was 1.2x (relu, N/k_max = 256) and 1.4x (topk with AuxK,
-# N/k = 512) dense; at N = 8192 (N/k_max = 64, N/k = 128) dense was 1.3-1.4x faster than sparse.
+# (relu, batchtopk, matryoshka: sparse_k_max; topk: k). Measured on a 2-core CPU with a trained SAE's activation
+# pattern (bench/sae_step.py, README): at N = 32768 sparse was 1.2x (relu, N/k_max = 256) and 1.4x (topk with AuxK,
+# N/k = 512) dense; at N = 8192 (N/k_max = 64, N/k = 128) dense was 1.3-1.4x faster than sparse. batchtopk and
+# matryoshka (k = 64, 10% dead, loaded machine): sparse 1.1-1.6x dense at N = 32768 in 5 of 6 runs, dense 1.4x
+# sparse at N = 8192.
 AUTO_SPARSE_RATIO = 256
 
 
 def kernel(spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None) -> str:
     """The kernel the step compiles: 'dense' or 'sparse' (`train.kernel`, with 'auto' resolved from the shape).
 
-    A recipe beyond plain relu/topk (`sae_jax.arch`, see `_needs_recipe`) runs sparse only when `train.kernel` is
-    'sparse' and the kernel covers it (`_sparse_recipe`); 'auto' keeps it dense (not measured faster).
+    A recipe beyond plain relu/topk (`sae_jax.arch`, see `_needs_recipe`) runs dense unless the kernel covers it
+    (`_sparse_recipe`: batchtopk, matryoshka), where 'auto' uses relu's rule (budget sparse_k_max).
     """
     if s is not None and _needs_recipe(s):
-        return "sparse" if t.kernel == "sparse" and _sparse_recipe(s) else "dense"
+        if not _sparse_recipe(s) or t.kernel != "auto":
+            return t.kernel if _sparse_recipe(s) else "dense"
+        return "sparse" if spec.n_latents >= AUTO_SPARSE_RATIO * t.sparse_k_max else "dense"
     if t.kernel != "auto":
         return t.kernel
     budget = {"relu": t.sparse_k_max, "topk": spec.k}.get(spec.architecture)

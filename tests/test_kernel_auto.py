@@ -70,18 +70,20 @@ def test_auto_relu_goes_sparse_by_token_once_the_codes_are_sparse():
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
-def test_batchtopk_recipes_take_the_sparse_kernel_when_asked(tmp_path, arch):
-    """N = 512 = 256 k: auto keeps batchtopk and matryoshka dense (sparse not measured faster for them, README);
-    `train.kernel: sparse` takes the sparse kernel, but not with sae.pre_encoder_bias, which it does not cover."""
-    base = {"sae.architecture": arch, "sae.k": 2, "sae.expansion": 64}
+def test_batchtopk_recipes_take_the_sparse_kernel_as_relu_does(tmp_path, arch):
+    """auto: relu's rule, sparse at N = 512 = 256 sparse_k_max, dense at sparse_k_max 3; `train.kernel: sparse`
+    takes the sparse kernel, but never with sae.pre_encoder_bias, which it does not cover."""
+    base = {"sae.architecture": arch, "sae.k": 2, "sae.expansion": 64, "train.sparse_k_max": 2}
     for chosen, extra, want in [
-        ("auto", {}, "dense"),
+        ("auto", {}, "sparse"),
+        ("auto", {"train.sparse_k_max": 3}, "dense"),
+        ("auto", {"sae.pre_encoder_bias": True}, "dense"),
         ("dense", {}, "dense"),
         ("sparse", {}, "sparse"),
         ("sparse", {"sae.unit_norm_decoder": True, "sae.auxk_normalize": True}, "sparse"),
         ("sparse", {"sae.pre_encoder_bias": True}, "dense"),
     ]:
-        cfg = tiny(tmp_path, **base, **extra, **{"train.kernel": chosen})
+        cfg = tiny(tmp_path, **{**base, **extra, "train.kernel": chosen})
         assert kernel(spec_from_config(cfg), cfg.train, cfg.sae) == want, (chosen, extra)
 
 
