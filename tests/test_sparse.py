@@ -219,6 +219,23 @@ def test_decoder_norm_penalty_is_in_the_sparse_gradient():
     assert rel(g0.W_dec, g.W_dec) > 1e-2
 
 
+def test_auxk_and_prefixes_are_in_the_sparse_recipe_gradient():
+    """The recipe check above can see a missing term: without AuxK (alpha 0), or without matryoshka's inner
+    prefixes (batchtopk's loss), the sparse W_dec gradient moves far past TOL."""
+    x, some = batch(mixed=True), {"train.sparse_k_max": 20}
+    state = state_with(config("batchtopk", "sparse", **some), 0.0, 3)
+    g = {
+        name: grads_of(config(arch, "sparse", **some, **extra), state, x)[3]
+        for name, arch, extra in [
+            ("batchtopk", "batchtopk", {}),
+            ("no-auxk", "batchtopk", {"train.auxk_coefficient": 0.0}),
+            ("matryoshka", "matryoshka", {}),
+        ]
+    }
+    assert rel(g["no-auxk"].W_dec, g["batchtopk"].W_dec) > 1e-2
+    assert rel(g["matryoshka"].W_dec, g["batchtopk"].W_dec) > 1e-2
+
+
 TRAIN_CASES = {  # name: (arch, extra config)
     "relu-some-over": ("relu", {"train.sparse_k_max": 12}),
     "relu-some-over-bf16": ("relu", {"train.sparse_k_max": 12, "train.compute_dtype": "bfloat16"}),
