@@ -131,8 +131,10 @@ def kernel(spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None) -> str:
     (`_sparse_recipe`: batchtopk, matryoshka), where 'auto' uses relu's rule (budget sparse_k_max).
     """
     if s is not None and _needs_recipe(s):
-        if not _sparse_recipe(s) or t.kernel != "auto":
-            return t.kernel if _sparse_recipe(s) else "dense"
+        if not _sparse_recipe(s):
+            return "dense"
+        if t.kernel != "auto":
+            return t.kernel
         return "sparse" if spec.n_latents >= AUTO_SPARSE_RATIO * t.sparse_k_max else "dense"
     if t.kernel != "auto":
         return t.kernel
