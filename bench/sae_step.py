@@ -13,7 +13,9 @@ lower by 1.5, never in a token's top k; marked dead so topk runs AuxK).
 Weights: unit decoder rows, the encoder their transpose, b_enc = -t for the
 live latents; token b is N(0, 1) scaled by t / q_b, where q_b is the normal
 quantile at which N_live * P(z > q_b) equals its drawn L0. topk uses k = 64
-on the same weights.
+on the same weights; batchtopk and matryoshka (k = 64: nearly every positive
+pre-activation kept, so their per-token counts follow relu's L0) run our
+variants only (PyTorch's steps are relu and topk).
 
 PyTorch: 'eager', 'fused' (Adam fused=True), 'compile' (torch.compile) run the
 dense step a researcher writes (bench/torch_sae.py); 'sparse' decodes from the
@@ -136,15 +138,17 @@ def jax_trainer(weights, arch: str, B: int, kernel: str, dtype: str = "float32",
         "train.steps=1000000",
         f"train.dead_tokens={DEAD_TOKENS}",
     ]
-    if arch == "topk":
-        sets += ["sae.architecture=topk", f"sae.k={K}"]
-    cfg = load_config(None, sets + list(extra))
+    cfg = load_config(None, sets + arch_sets(arch) + list(extra))
     state = init_state(cfg)
     since = jnp.asarray(np.where(dead_latents(N), DEAD_TOKENS, 0).astype(np.int32))
-    state = dataclasses.replace(
-        state, params=SAEParams(**{k: jnp.asarray(v) for k, v in weights.items()}), since_fired=since
-    )
+    params = SAEParams(**{k: jnp.asarray(v) for k, v in weights.items()}, threshold=state.params.threshold)
+    state = dataclasses.replace(state, params=params, since_fired=since)
     return cfg, state, make_step(cfg)
+
+
+def arch_sets(arch: str) -> list[str]:
+    """Config for `arch`: relu as is; topk, batchtopk and matryoshka (prefixes N/2, N) with k = K."""
+    return [] if arch == "relu" else [f"sae.architecture={arch}", f"sae.k={K}"]
 
 
 def algorithm(variant: str, arch: str, D: int, N: int) -> str:
@@ -153,10 +157,7 @@ def algorithm(variant: str, arch: str, D: int, N: int) -> str:
         from sae_jax.config import load_config
         from sae_jax.trainer import kernel, spec_from_config
 
-        sets = [f"sae.d_in={D}", f"sae.expansion={N // D}"] + (
-            ["sae.architecture=topk", f"sae.k={K}"] if arch == "topk" else []
-        )
-        cfg = load_config(None, sets)
+        cfg = load_config(None, [f"sae.d_in={D}", f"sae.expansion={N // D}"] + arch_sets(arch))
         return kernel(spec_from_config(cfg), cfg.train, cfg.sae)
     return "sparse" if "sparse" in variant else "dense"
 
@@ -224,7 +225,8 @@ def run_shape(
     rows = []
     for v in variants:
         t, alg = median(times[v]), algorithm(v, arch, D, N)
-        k_active = pattern["l0_mean"] if arch == "relu" else K + (256 if pattern["dead_fraction"] else 0)
+        aux = 256 if pattern["dead_fraction"] and arch != "relu" else 0
+        k_active = (K if arch == "topk" else pattern["l0_mean"]) + aux
         flops = sae_train_flops_per_token(D, N, k_active if alg == "sparse" else None)
         rows.append(
             dict(

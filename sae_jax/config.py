@@ -282,7 +282,7 @@ class TrainConfig:
     )
     sparse_k_max: int = opt(
         128,
-        "relu's sparse kernel: active latents per token it handles sparsely; tokens over it run dense, exactly.",
+        "Per-token sparse kernel (relu, batchtopk, matryoshka): active latents per token; tokens over it run dense.",
     )
     sparse_encoder_grad: Literal["matmul", "scatter"] = opt(
         "matmul",

@@ -19,6 +19,11 @@ batch (the tokens with the most active latents); only when more than `n_rows`
 tokens exceed the budget does the whole step run dense (`route`). Every path
 is exact: a fresh ReLU SAE, with about N/2 active latents, simply runs dense.
 
+BatchTopK (batchtopk, matryoshka) keeps the B*k largest positive
+pre-activations of the whole batch, so a token's count varies as relu's does:
+the same routing, on the kept code, with topk's AuxK beside it. Matryoshka's
+prefix m decodes the active pairs with index < m.
+
 Under `compute_dtype` bfloat16 every product takes bfloat16 inputs and
 accumulates in float32, as the dense kernel's do (`loss.matmul`), so the two
 kernels differ by the order of float32 sums only.
@@ -35,6 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from sae_jax.arch import batch_topk
 from sae_jax.loss import LossParts, matmul, squared_error
 from sae_jax.sae import Forward, SAEParams, SAESpec
 
@@ -125,7 +131,9 @@ def dense_codes(idx: jax.Array, a: jax.Array, n: int) -> jax.Array:
 
 
 def route(pre: jax.Array, k_max: int, n_rows: int) -> tuple[jax.Array, jax.Array]:
-    """pre: [B, N] -> (path [] int32, over [] int32) of relu's sparse step; over: tokens with > k_max active latents.
+    """pre: [B, N] -> (path [] int32, over [] int32) of the per-token sparse step; over: tokens with > k_max active.
+
+    A latent is active where pre > 0: relu's pre-activations, or batchtopk's kept code f.
 
     path 0: every token sparse; 1: the `n_rows` fullest tokens dense, the rest
     sparse (0 < over <= n_rows); 2: the whole batch dense.
@@ -186,6 +194,47 @@ def _topk_loss(wrt: Wrt, x, pre, idx, aux, *, auxk_coefficient, dtype, encoder_g
     return parts.loss, (Forward(x_hat, dense_codes(idx, a, pre.shape[-1]), pre), parts)
 
 
+def _batchtopk_loss(
+    wrt: Wrt, x, pre, f, idx, rows, aux, *, prefixes, auxk_coefficient, auxk_normalize, dtype, encoder_grad
+):
+    """batchtopk's (and matryoshka's) loss: tokens `rows` ([R], None for all) densely, the others from idx [B, K].
+
+    f: [B, N] the BatchTopK code (`arch.batch_topk` of pre, no gradient): kept where f > 0. idx holds every kept
+    latent of a sparse token. aux: as `_topk_loss`'s. prefixes: the nested sizes ending at N; the loss sums each
+    prefix's reconstruction error (batchtopk: (N,)), group [lo, hi) decoded once from `lo <= idx < hi`.
+    """
+    W_enc, b_enc, W_dec, b_dec = wrt
+    (B, N), K = pre.shape, idx.shape[1]
+    both = idx if aux is None else jnp.concatenate([idx, aux[1]], axis=-1)
+    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, both, rows, encoder_grad, dtype)
+    sparse_tok = jnp.ones((B,), bool)
+    if rows is not None and rows.shape[0]:
+        sparse_tok = sparse_tok.at[rows].set(False)
+    kept = sparse_tok[:, None] & (jnp.take_along_axis(f, idx, axis=-1, mode="clip") > 0)
+    a = jnp.where(kept, jax.nn.relu(vals[:, :K]), 0.0)
+    if pre_d.shape[0]:
+        f_rows = f if rows is None else jnp.take(f, rows, axis=0, mode="clip")
+        f_d = jnp.where(f_rows > 0, jax.nn.relu(pre_d), 0.0)
+    x_hat, recon, lo = b_dec.astype(F32), jnp.zeros((), F32), 0
+    for hi in prefixes:
+        group = a if (lo, hi) == (0, N) else jnp.where((idx >= lo) & (idx < hi), a, 0.0)
+        part = _decode(group, w_rows[:, :K], dtype)
+        if pre_d.shape[0]:
+            dec_d = matmul(f_d[:, lo:hi], W_dec[lo:hi], dtype)
+            part = dec_d if rows is None else part.at[rows].add(dec_d)
+        x_hat, lo = x_hat + part, hi
+        recon = recon + squared_error(x, x_hat)
+    aux_err = jnp.zeros((), F32)
+    if aux is not None:
+        residual = jax.lax.stop_gradient(x - x_hat)
+        v = jnp.where(jnp.isfinite(aux[0]), jax.nn.relu(vals[:, K:]), 0.0)
+        aux_err = squared_error(residual, _decode(v, w_rows[:, K:], dtype))
+        if auxk_normalize:
+            aux_err = aux_err / jnp.maximum(squared_error(residual, jnp.mean(residual, axis=0)), 1e-12)
+    parts = LossParts(recon + auxk_coefficient * aux_err, squared_error(x, x_hat), jnp.zeros((), F32), aux_err)
+    return parts.loss, (Forward(x_hat, f, pre), parts)
+
+
 def _transposed(a: jax.Array) -> jax.Array:
     """a: [N, D] -> a.T [D, N], materialised row-major once.
 
@@ -209,6 +258,10 @@ def sparse_value_and_grad(
     k_max: int = 128,
     compute_dtype: str = "float32",
     encoder_grad: str = "matmul",
+    recipe: str | None = None,
+    k: int | None = None,
+    prefixes: tuple[int, ...] = (),
+    auxk_normalize: bool = False,
 ) -> tuple[tuple[jax.Array, tuple[Forward, LossParts]], SAEParams]:
     """x: [B, D] scaled -> ((loss, (forward, parts)), grads), the values of differentiating `loss.sae_loss`.
 
@@ -216,6 +269,10 @@ def sparse_value_and_grad(
     inside the differentiated function would make each branch carry the
     other's residuals). relu: `route`'s three paths. topk: without AuxK while
     no latent is dead, with it otherwise. `encoder_grad`: "scatter" or "matmul".
+    recipe "batchtopk" or "matryoshka" (`sae_jax.arch`; spec.apply_b_dec_to_input false): the values of
+    differentiating that recipe's loss, with BatchTopK's k, matryoshka's `prefixes` (batchtopk: none) and
+    `auxk_normalize`; `route`'s three paths on the kept code, each without or with AuxK. A params.threshold
+    gets a zero gradient, as the recipe's loss never reads it.
     """
     dtype = jnp.dtype(compute_dtype)
     x = x.astype(F32)
@@ -224,11 +281,31 @@ def sparse_value_and_grad(
     # W_enc.T is never computed: the sparse loss reads W_enc only through `pre`.
     wrt = (params.W_enc.T if scatter else params.W_enc, params.b_enc, params.W_dec, params.b_dec)
 
+    no_threshold = None if params.threshold is None else jnp.zeros_like(params.threshold)
+
     def run(loss_fn):
         out, (dW_enc, db_enc, dW_dec, db_dec) = jax.value_and_grad(loss_fn, has_aux=True)(wrt)
-        return out, SAEParams(_transposed(dW_enc) if scatter else dW_enc, db_enc, dW_dec, db_dec)
+        return out, SAEParams(_transposed(dW_enc) if scatter else dW_enc, db_enc, dW_dec, db_dec, no_threshold)
 
     common = dict(dtype=dtype, encoder_grad=encoder_grad)
+    B, N = pre.shape
+    k_max, n_rows = min(k_max, N), dense_rows(B)
+    if recipe in ("batchtopk", "matryoshka"):
+        f = batch_topk(pre, k)
+        aux = lambda: jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), min(auxk_k, N))
+        kw = dict(prefixes=tuple(prefixes) or (N,), auxk_coefficient=auxk_coefficient, auxk_normalize=auxk_normalize)
+        loss = lambda idx, rows, aux: run(lambda w: _batchtopk_loss(w, x, pre, f, idx, rows, aux, **kw, **common))
+        sparse_idx = lambda: jax.lax.top_k(jnp.where(f > 0, pre, -jnp.inf), k_max)[1]
+        fullest = lambda: jax.lax.top_k(jnp.sum(f > 0, axis=-1), n_rows)[1]
+        paths = [
+            lambda a: loss(sparse_idx(), jnp.zeros((0,), jnp.int32), a),
+            lambda a: loss(sparse_idx(), fullest(), a),
+            lambda a: loss(jnp.zeros((B, 0), jnp.int32), None, a),
+        ]
+        branches = [lambda p=p: p(None) for p in paths] + [lambda p=p: p(aux()) for p in paths]
+        return jax.lax.switch(route(f, k_max, n_rows)[0] + 3 * jnp.any(dead).astype(jnp.int32), branches)
+    if recipe not in (None, spec.architecture):
+        raise ValueError(f"recipe: the sparse kernel expected batchtopk or matryoshka, found {recipe!r}")
     if spec.architecture == "topk":
         idx = jax.lax.top_k(pre, spec.k)[1]
 
@@ -239,8 +316,6 @@ def sparse_value_and_grad(
         return jax.lax.cond(jnp.any(dead), lambda: topk(True), lambda: topk(False))
     if spec.architecture != "relu":
         raise ValueError(f"sae.architecture: the sparse kernel expected relu or topk, found {spec.architecture!r}")
-    B, N = pre.shape
-    k_max, n_rows = min(k_max, N), dense_rows(B)
     relu = lambda idx, rows: run(lambda w: _relu_loss(w, x, pre, idx, rows, l1_coefficient=l1_coefficient, **common))
     paths = [
         lambda: relu(jax.lax.top_k(pre, k_max)[1], jnp.zeros((0,), jnp.int32)),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from sae_jax import adam, arch, sharding, sparse
+from sae_jax.arch import matryoshka
 from sae_jax.config import Config, SAEConfig, TrainConfig
 from sae_jax.loss import sae_loss
 from sae_jax.sae import SAEParams, SAESpec, explained_variance
@@ -115,19 +116,26 @@ NONFINITE = {1: "input activations", 2: "loss", 3: "gradients"}
 
 
 # `train.kernel: auto` takes the sparse kernel when N is at least this many times its per-token budget
-# (relu: sparse_k_max, topk: k). Measured on a 2-core CPU with a trained SAE's activation pattern
-# (bench/sae_step.py, README): at N = 32768 sparse was 1.2x (relu, N/k_max = 256) and 1.4x (topk with AuxK,
-# N/k = 512) dense; at N = 8192 (N/k_max = 64, N/k = 128) dense was 1.3-1.4x faster than sparse.
+# (relu, batchtopk, matryoshka: sparse_k_max; topk: k). Measured on a 2-core CPU with a trained SAE's activation
+# pattern (bench/sae_step.py, README): at N = 32768 sparse was 1.2x (relu, N/k_max = 256) and 1.4x (topk with AuxK,
+# N/k = 512) dense; at N = 8192 (N/k_max = 64, N/k = 128) dense was 1.3-1.4x faster than sparse. batchtopk and
+# matryoshka (k = 64, 10% dead, loaded machine): sparse 1.1-1.6x dense at N = 32768 in 5 of 6 runs, dense 1.4x
+# sparse at N = 8192.
 AUTO_SPARSE_RATIO = 256
 
 
 def kernel(spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None) -> str:
     """The kernel the step compiles: 'dense' or 'sparse' (`train.kernel`, with 'auto' resolved from the shape).
 
-    A recipe beyond plain relu/topk (`sae_jax.arch`, see `_needs_recipe`) always runs dense.
+    A recipe beyond plain relu/topk (`sae_jax.arch`, see `_needs_recipe`) runs dense unless the kernel covers it
+    (`_sparse_recipe`: batchtopk, matryoshka), where 'auto' uses relu's rule (budget sparse_k_max).
     """
     if s is not None and _needs_recipe(s):
-        return "dense"
+        if not _sparse_recipe(s):
+            return "dense"
+        if t.kernel != "auto":
+            return t.kernel
+        return "sparse" if spec.n_latents >= AUTO_SPARSE_RATIO * t.sparse_k_max else "dense"
     if t.kernel != "auto":
         return t.kernel
     budget = {"relu": t.sparse_k_max, "topk": spec.k}.get(spec.architecture)
@@ -143,7 +151,25 @@ def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfi
     """
     if s is not None and _needs_recipe(s):
         ctx = arch.LossContext(state.step, state.since_fired >= t.dead_tokens, s, t)
-        return arch.value_and_grad(state.params, spec, x, ctx)
+        if kernel(spec, t, s) == "dense":
+            return arch.value_and_grad(state.params, spec, x, ctx)
+        out, grads = sparse.sparse_value_and_grad(
+            state.params,
+            spec,
+            x,
+            l1_coefficient=0.0,
+            dead=ctx.dead,
+            auxk_k=t.auxk_k,
+            auxk_coefficient=t.auxk_coefficient,
+            k_max=t.sparse_k_max,
+            compute_dtype=t.compute_dtype,
+            encoder_grad=t.sparse_encoder_grad,
+            recipe=s.architecture,
+            k=s.k,
+            prefixes=tuple(matryoshka.prefixes(s, spec.n_latents)) if s.architecture == "matryoshka" else (),
+            auxk_normalize=s.auxk_normalize,
+        )
+        return out, (arch.project_grads(state.params, grads) if arch.unit_norm_decoder(s) else grads)
     kw = dict(
         l1_coefficient=l1_schedule(t, state.step),
         dead=state.since_fired >= t.dead_tokens,
@@ -164,26 +190,31 @@ def _needs_recipe(s: SAEConfig) -> bool:
     return not plain or arch.unit_norm_decoder(s)
 
 
+def _sparse_recipe(s: SAEConfig) -> bool:
+    """Whether the sparse kernel covers recipe `s`: batchtopk and matryoshka without the pre-encoder bias."""
+    return s.architecture in ("batchtopk", "matryoshka") and not s.pre_encoder_bias
+
+
 # Metrics that metrics.jsonl gives as their mean over the steps since the previous line (run._loop).
 STEP_AVERAGED = ("sparse_token_fraction", "dense_fallback", "over_budget_fraction")
 
 
-def kernel_metrics(out_pre: jax.Array, spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None) -> dict:
-    """pre: [B, N] -> which way the step went, as [] float32 metrics.
+def kernel_metrics(codes: jax.Array, spec: SAESpec, t: TrainConfig, s: SAEConfig | None = None) -> dict:
+    """codes: [B, N], positive where a latent is active (pre or f) -> which way the step went, as [] float32 metrics.
 
     kernel_sparse: 1 when the sparse kernel is compiled in. sparse_token_fraction:
-    the tokens its sparse path took. relu adds dense_fallback (1: the whole step
-    ran dense, more than `sparse.dense_rows` tokens were over sparse_k_max) and
-    over_budget_fraction (the tokens over sparse_k_max, each handled densely).
+    the tokens its sparse path took. relu, batchtopk and matryoshka add dense_fallback
+    (1: the whole step ran dense, more than `sparse.dense_rows` tokens were over sparse_k_max)
+    and over_budget_fraction (the tokens over sparse_k_max, each handled densely).
     Logged, these three are means over the steps since the last line: the fraction
     of tokens that went sparse, of steps that fell back to dense, of tokens over budget.
     """
     on = kernel(spec, t, s) == "sparse"
     m = {"kernel_sparse": jnp.float32(on), "sparse_token_fraction": jnp.float32(on)}
-    if on and spec.architecture == "relu":
-        B, N = out_pre.shape
+    if on and (spec.architecture == "relu" or (s is not None and _sparse_recipe(s))):
+        B, N = codes.shape
         n_rows, k_max = sparse.dense_rows(B), min(t.sparse_k_max, N)
-        path, over = sparse.route(out_pre, k_max, n_rows)
+        path, over = sparse.route(codes, k_max, n_rows)
         m.update(
             sparse_token_fraction=sparse.sparse_token_fraction(path, B, n_rows),
             dense_fallback=(path == 2).astype(jnp.float32),
@@ -213,7 +244,7 @@ def train_step(
         "sparsity": parts.sparsity,
         "grad_norm": grad_norm,
     }
-    metrics.update(kernel_metrics(out.pre, spec, t, s))
+    metrics.update(kernel_metrics(out.f, spec, t, s))
     what = jnp.where(
         ~jnp.all(jnp.isfinite(x)), 1, jnp.where(~jnp.isfinite(loss), 2, jnp.where(~jnp.isfinite(grad_norm), 3, 0))
     )

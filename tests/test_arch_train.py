@@ -17,6 +17,23 @@ RECIPES = {
         "sae.jumprelu_pre_act_coefficient": 1e-3,
     },
     "matryoshka": {"sae.architecture": "matryoshka", "sae.k": 2, "train.auxk_k": 4, "sae.pre_encoder_bias": True},
+    # The sparse kernel (k_max 4 of N = 32: some tokens over it), through the loop, the resume and the export.
+    "batchtopk-sparse": {
+        "sae.architecture": "batchtopk",
+        "sae.k": 2,
+        "train.auxk_k": 4,
+        "train.kernel": "sparse",
+        "train.sparse_k_max": 4,
+    },
+    "matryoshka-sparse-unit": {
+        "sae.architecture": "matryoshka",
+        "sae.k": 2,
+        "train.auxk_k": 4,
+        "train.kernel": "sparse",
+        "train.sparse_k_max": 4,
+        "sae.unit_norm_decoder": True,
+        "sae.auxk_normalize": True,
+    },
     "topk-unit": {
         "sae.architecture": "topk",
         "sae.k": 2,
@@ -38,11 +55,14 @@ def test_stopped_and_rerun_is_bit_identical_for_every_recipe(tmp_path, name):
     saved = load_sae(tmp_path / "part" / "sae")
     assert saved.spec == resumed.sae.spec
     assert_same_params(saved.params, resumed.sae.params)
-    if name in ("batchtopk", "matryoshka"):
+    if name.startswith(("batchtopk", "matryoshka")):
         theta = np.asarray(saved.params.threshold)
         assert saved.spec.architecture == "jumprelu" and theta.min() == theta.max() > 0
     truth = json.loads((tmp_path / "part" / "eval.json").read_text())["ground_truth"]
     assert truth["n_true_features"] == 512 and 0 <= truth["recovered"] <= 1 and 0 < truth["mcc"] <= 1
-    if name == "topk-unit":
+    if "-sparse" in name:
+        lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["kernel_sparse"] == 1.0 for r in lines) and any(r["over_budget_fraction"] > 0 for r in lines)
+    if name.endswith("unit"):
         W = np.asarray(whole.state.params.W_dec)
         np.testing.assert_allclose(np.linalg.norm(W, axis=1), 1, rtol=1e-6)

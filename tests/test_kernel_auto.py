@@ -67,3 +67,39 @@ def test_auto_relu_goes_sparse_by_token_once_the_codes_are_sparse():
         assert float(m["kernel_sparse"]) == 1.0
         got = (m["sparse_token_fraction"], m["dense_fallback"], m["over_budget_fraction"])
         assert tuple(map(float, got)) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_recipes_take_the_sparse_kernel_as_relu_does(tmp_path, arch):
+    """auto: relu's rule, sparse at N = 512 = 256 sparse_k_max, dense at sparse_k_max 3; `train.kernel: sparse`
+    takes the sparse kernel, but never with sae.pre_encoder_bias, which it does not cover."""
+    base = {"sae.architecture": arch, "sae.k": 2, "sae.expansion": 64, "train.sparse_k_max": 2}
+    for chosen, extra, want in [
+        ("auto", {}, "sparse"),
+        ("auto", {"train.sparse_k_max": 3}, "dense"),
+        ("auto", {"sae.pre_encoder_bias": True}, "dense"),
+        ("dense", {}, "dense"),
+        ("sparse", {}, "sparse"),
+        ("sparse", {"sae.unit_norm_decoder": True, "sae.auxk_normalize": True}, "sparse"),
+        ("sparse", {"sae.pre_encoder_bias": True}, "dense"),
+    ]:
+        cfg = tiny(tmp_path, **{**base, **extra, "train.kernel": chosen})
+        assert kernel(spec_from_config(cfg), cfg.train, cfg.sae) == want, (chosen, extra)
+
+
+def test_jumprelu_stays_dense_under_kernel_sparse(tmp_path):
+    cfg = tiny(tmp_path, **{"sae.architecture": "jumprelu", "train.kernel": "sparse"})
+    assert kernel(spec_from_config(cfg), cfg.train, cfg.sae) == "dense"
+
+
+def test_sparse_batchtopk_run_logs_its_routing(tmp_path):
+    """batchtopk on the sparse kernel end to end (k = 2 of N = 32, sparse_k_max = 4): each logged line says sparse,
+    with the per-token routing's metrics: every token either sparse or in the dense rows, and the run trains."""
+    extra = {"sae.architecture": "batchtopk", "sae.k": 2, "train.kernel": "sparse", "train.sparse_k_max": 4}
+    result = run.train(tiny(tmp_path, **extra), progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all(r["kernel_sparse"] == 1.0 for r in lines)
+    for r in lines:
+        assert 0.0 <= r["dense_fallback"] <= 1.0 and 0.0 <= r["over_budget_fraction"] <= 1.0
+        assert r["l0"] == pytest.approx(2.0)  # B*k kept over the batch: k per token on average
+    assert lines[-1]["loss"] < lines[0]["loss"] and float(result.state.params.threshold[0]) > 0

@@ -38,8 +38,8 @@ def config(arch, kernel, dtype):
         "train.lr_warmup_steps=0",
         "train.steps=100",
     ]
-    if arch == "topk":
-        sets += ["sae.architecture=topk", "sae.k=16"]
+    if arch != "relu":
+        sets += [f"sae.architecture={arch}", "sae.k=16"]
     return load_config(None, sets)
 
 
@@ -57,6 +57,7 @@ def bf16_rounded(tree):
 
 
 RUNS = [("relu", "dense"), ("relu", "sparse"), ("topk", "dense"), ("topk", "sparse")]
+RUNS += [("batchtopk", "dense"), ("batchtopk", "sparse"), ("matryoshka", "dense"), ("matryoshka", "sparse")]
 
 
 @pytest.mark.parametrize("arch,kernel", RUNS)
@@ -68,7 +69,7 @@ def test_bf16_matches_float32_on_the_same_bf16_inputs(arch, kernel):
         ("float32", dataclasses.replace(state, params=bf16_rounded(state.params)), bf16_rounded(x)),
     ]:
         cfg = config(arch, kernel, dtype)
-        out[dtype] = jax.jit(lambda s, x: loss_and_grads(s, x, spec_from_config(cfg), cfg.train))(s, xs)
+        out[dtype] = jax.jit(lambda s, x: loss_and_grads(s, x, spec_from_config(cfg), cfg.train, cfg.sae))(s, xs)
     ((l16, (f16, _)), g16), ((l32, (f32, _)), g32) = out["bfloat16"], out["float32"]
     np.testing.assert_array_equal(np.asarray(f16.f) > 0, np.asarray(f32.f) > 0)
     assert float(l16) == pytest.approx(float(l32), rel=2e-4)
@@ -103,8 +104,13 @@ def test_bf16_training_keeps_float32_master_weights_and_adam_state(arch, kernel)
 # forward and two backward. relu sparse, 14: the encoder's forward, then per path (all sparse; the
 # fullest rows dense; all dense) the active-row decode's forward and codes' gradient, the dense
 # rows' three products, and one x^T @ dpre. topk sparse, 9: the encoder's forward, then per branch
-# (no dead latent; AuxK) the decodes' forwards and codes' gradients and one x^T @ dpre.
+# (no dead latent; AuxK) the decodes' forwards and codes' gradients and one x^T @ dpre. batchtopk dense: topk's
+# eight; matryoshka dense: four more for its second group (prefixes N/2, N). batchtopk sparse, 33: the encoder's
+# forward, then relu's three paths (3, 6 and 4: the all-dense path has no active-row decode), each again with
+# AuxK's decode (2 more). matryoshka sparse, 53: the same with every decode and dense-row product once per group.
 DOTS = {("relu", "dense"): 5, ("relu", "sparse"): 14, ("topk", "dense"): 8, ("topk", "sparse"): 9}
+DOTS |= {("batchtopk", "dense"): 8, ("batchtopk", "sparse"): 33, ("matryoshka", "dense"): 12}
+DOTS |= {("matryoshka", "sparse"): 53}
 
 
 @pytest.mark.parametrize("arch,kernel", RUNS)

@@ -22,6 +22,7 @@ import pytest
 
 MESHES = {"one": (1, 1), "data": (4, 1), "model": (1, 4), "both": (2, 2)}
 RUNS = [("relu", "dense"), ("relu", "sparse"), ("topk", "sparse"), ("topk", "sparse-scatter")]  # kernel[-encoder grad]
+RUNS += [("batchtopk", "sparse")]
 TOL = 1e-5
 D, EXPANSION, B, STEPS = 16, 4, 32, 5
 BIG = (256, 64)  # D, expansion: N = 16384, W_enc and W_dec 16 MiB each
@@ -132,9 +133,9 @@ def _checks() -> dict:
             f"mesh.data={mesh[0]}",
             f"mesh.model={mesh[1]}",
         ]
-        if arch == "topk":
+        if arch != "relu":
             sets += [
-                "sae.architecture=topk",
+                f"sae.architecture={arch}",
                 "sae.k=4",
                 "train.auxk_k=8",
                 "train.dead_tokens=64",

@@ -13,6 +13,11 @@ a bf16 step; measured <= 3e-6, asserted TOL_BF16 = 1e-4.
 Batches: "normal" N(0, 1) tokens (at most 7 of N = 128 latents active), and
 "mixed", where 3 tokens of 64 have 3x the norm and 20-40 active latents: with
 k_max = 12 those go through the dense rows and the rest stays sparse.
+
+batchtopk and matryoshka (prefixes 16, 64, 128) against their recipes
+(`sae_jax.arch`, differentiated by JAX), same TOL and TOL_BF16: measured
+gradients <= 2.3e-7 of each largest entry (bf16 included), losses equal,
+params after 8 steps <= 8.4e-8, the running threshold equal.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import optax
 import pytest
 
 from sae_jax import adam, sparse, trainer
+from sae_jax.arch import matryoshka
 from sae_jax.config import load_config
 from sae_jax.trainer import (
     apply_optimizer,
@@ -39,6 +45,7 @@ from sae_jax.trainer import (
 
 TOL, TOL_BF16 = 1e-5, 1e-4
 D, EXPANSION, B = 16, 8, 64  # N = 128
+PREFIXES = (16, 64, 128)  # matryoshka's nested sizes
 ROWS = sparse.dense_rows(B)  # 4
 
 
@@ -53,8 +60,10 @@ def config(arch="relu", kernel="sparse", **extra):
         "train.steps=100",
         "train.l1_warmup_frac=0",
     ]
-    if arch == "topk":
-        sets += ["sae.architecture=topk", "sae.k=6", "train.auxk_k=16"]
+    if arch in ("topk", "batchtopk", "matryoshka"):
+        sets += [f"sae.architecture={arch}", "sae.k=6", "train.auxk_k=16"]
+    if arch == "matryoshka":
+        sets += [f"sae.matryoshka_prefixes={list(PREFIXES[:-1])}"]
     return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -83,7 +92,8 @@ def rel(a, b) -> float:
 
 
 def grads_of(cfg, state, x):
-    (loss, (out, parts)), g = jax.jit(lambda s, x: loss_and_grads(s, x, spec_from_config(cfg), cfg.train))(state, x)
+    step = lambda s, x: loss_and_grads(s, x, spec_from_config(cfg), cfg.train, cfg.sae)
+    (loss, (out, parts)), g = jax.jit(step)(state, x)
     return float(loss), out, parts, g
 
 
@@ -141,6 +151,62 @@ def test_sparse_loss_and_gradients_equal_dense(case):
         assert rel(getattr(s_g, name), getattr(g, name)) <= tol, name
 
 
+RECIPE_CASES = {  # name: (arch, extra config, relu-style path); k_max "some": the batch's 4th largest kept count
+    "batchtopk-some-over": ("batchtopk", {}, 1),
+    "batchtopk-some-over-scatter": ("batchtopk", {"train.sparse_encoder_grad": "scatter"}, 1),
+    "batchtopk-all-under": ("batchtopk", {"train.sparse_k_max": 64}, 0),
+    "batchtopk-many-over": ("batchtopk", {"train.sparse_k_max": 2}, 2),
+    "batchtopk-some-over-bf16": ("batchtopk", {"train.compute_dtype": "bfloat16"}, 1),
+    "batchtopk-some-over-unit-norm": ("batchtopk", {"sae.unit_norm_decoder": True, "sae.auxk_normalize": True}, 1),
+    "matryoshka-some-over": ("matryoshka", {}, 1),
+    "matryoshka-all-under": ("matryoshka", {"train.sparse_k_max": 64}, 0),
+    "matryoshka-many-over": ("matryoshka", {"train.sparse_k_max": 2}, 2),
+    "matryoshka-some-over-bf16": ("matryoshka", {"train.compute_dtype": "bfloat16"}, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_sparse_recipe_loss_and_gradients_equal_dense(case):
+    """batchtopk and matryoshka (`sae_jax.arch`, differentiated by JAX) against the sparse kernel, every third latent
+    dead so AuxK runs, on the mixed batch: its 3 big tokens hold 20-30 of the B*k kept codes, the others fewer."""
+    arch, extra, path = RECIPE_CASES[case]
+    x, tol = batch(mixed=True), TOL_BF16 if "bf16" in case else TOL
+    dense_cfg = config(arch, "dense", **extra)
+    state = state_with(dense_cfg, 0.0, 3)
+    loss, out, parts, g = grads_of(dense_cfg, state, x)
+    counts = np.sort(np.asarray(jnp.sum(out.f > 0, axis=-1)))
+    if path == 1:
+        extra = {**extra, "train.sparse_k_max": int(counts[-ROWS])}
+    sparse_cfg = config(arch, "sparse", **extra)
+    spec, k_max = spec_from_config(sparse_cfg), sparse_cfg.train.sparse_k_max
+    assert trainer.kernel(spec, sparse_cfg.train, sparse_cfg.sae) == "sparse"
+    assert trainer.kernel(spec, dense_cfg.train, dense_cfg.sae) == "dense"
+    assert int(jnp.sum(out.f > 0)) == B * 6 and counts.max() >= 20  # B*k kept; some tokens hold many
+    assert int(sparse.route(out.f, k_max, ROWS)[0]) == path
+    if path == 1:
+        assert 1 <= (counts > k_max).sum() <= ROWS and (counts <= k_max).sum() >= B - ROWS
+    m = trainer.kernel_metrics(out.f, spec, sparse_cfg.train, sparse_cfg.sae)
+    assert float(m["over_budget_fraction"]) * B == (counts > k_max).sum()
+    assert (float(m["dense_fallback"]), float(m["sparse_token_fraction"])) == [(0, 1), (0, 1 - ROWS / B), (1, 0)][path]
+    s_loss, s_out, s_parts, s_g = grads_of(sparse_cfg, state, x)
+    assert float(parts.auxk) > 0 and float(s_parts.auxk) == pytest.approx(float(parts.auxk), rel=tol)
+    if (
+        arch == "matryoshka"
+    ):  # the prefixes are (16, 64, 128), and their terms count: the loss exceeds recon + alpha AuxK
+        assert matryoshka.prefixes(dense_cfg.sae, dense_cfg.sae.n_latents) == list(PREFIXES)
+        assert float(parts.loss) > float(parts.recon + dense_cfg.train.auxk_coefficient * parts.auxk) + 1.0
+    assert s_loss == pytest.approx(loss, rel=tol)
+    for a, b in zip(s_parts, parts):
+        assert float(a) == pytest.approx(float(b), rel=tol, abs=1e-30)
+    np.testing.assert_array_equal(np.asarray(s_out.f), np.asarray(out.f))
+    np.testing.assert_array_equal(np.asarray(s_out.pre), np.asarray(out.pre))
+    assert rel(s_out.x_hat, out.x_hat) <= tol
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert rel(getattr(s_g, name), getattr(g, name)) <= tol, name
+    np.testing.assert_array_equal(np.asarray(s_g.threshold), np.zeros(sparse_cfg.sae.n_latents))
+    np.testing.assert_array_equal(np.asarray(g.threshold), np.zeros(sparse_cfg.sae.n_latents))
+
+
 def test_decoder_norm_penalty_is_in_the_sparse_gradient():
     """The check above can see a missing term: without lambda the W_dec gradient moves far past TOL."""
     x = batch(mixed=True)
@@ -153,17 +219,43 @@ def test_decoder_norm_penalty_is_in_the_sparse_gradient():
     assert rel(g0.W_dec, g.W_dec) > 1e-2
 
 
+def test_auxk_and_prefixes_are_in_the_sparse_recipe_gradient():
+    """The recipe check above can see a missing term: without AuxK (alpha 0), or without matryoshka's inner
+    prefixes (batchtopk's loss), the sparse W_dec gradient moves far past TOL."""
+    x, some = batch(mixed=True), {"train.sparse_k_max": 20}
+    state = state_with(config("batchtopk", "sparse", **some), 0.0, 3)
+    g = {
+        name: grads_of(config(arch, "sparse", **some, **extra), state, x)[3]
+        for name, arch, extra in [
+            ("batchtopk", "batchtopk", {}),
+            ("no-auxk", "batchtopk", {"train.auxk_coefficient": 0.0}),
+            ("matryoshka", "matryoshka", {}),
+        ]
+    }
+    assert rel(g["no-auxk"].W_dec, g["batchtopk"].W_dec) > 1e-2
+    assert rel(g["matryoshka"].W_dec, g["batchtopk"].W_dec) > 1e-2
+
+
 TRAIN_CASES = {  # name: (arch, extra config)
     "relu-some-over": ("relu", {"train.sparse_k_max": 12}),
     "relu-some-over-bf16": ("relu", {"train.sparse_k_max": 12, "train.compute_dtype": "bfloat16"}),
     "topk-dead": ("topk", {"train.dead_tokens": 3 * B}),
     "topk-dead-bf16": ("topk", {"train.dead_tokens": 3 * B, "train.compute_dtype": "bfloat16"}),
+    "batchtopk-some-over": ("batchtopk", {"train.sparse_k_max": 20, "train.dead_tokens": 3 * B}),
+    "batchtopk-some-over-bf16": (
+        "batchtopk",
+        {"train.sparse_k_max": 20, "train.dead_tokens": 3 * B, "train.compute_dtype": "bfloat16"},
+    ),
+    "matryoshka-some-over": ("matryoshka", {"train.sparse_k_max": 20, "train.dead_tokens": 3 * B}),
 }
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_sparse_training_follows_dense_for_8_steps(case):
-    """Params after 8 steps on mixed batches; topk with dead_tokens = 3 batches, so AuxK switches on from step 4."""
+    """Params after 8 steps on mixed batches; topk with dead_tokens = 3 batches, so AuxK switches on from step 4.
+
+    batchtopk and matryoshka: AuxK the same way, k_max = 20 leaves 2-4 tokens over it each step (dense rows), and
+    the running threshold (set from the step's code after the update) is compared too."""
     arch, extra = TRAIN_CASES[case]
     tol = TOL_BF16 if "bf16" in case else TOL
     params, metrics = {}, {}
@@ -175,13 +267,19 @@ def test_sparse_training_follows_dense_for_8_steps(case):
             state, m = step(state, batch(10 + i, mixed=True), jnp.float32(1.0))
             ms.append(jax.device_get(m))
         params[kernel], metrics[kernel] = jax.device_get(state.params), ms
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch in ("batchtopk", "matryoshka") else ())
+    for name in names:
         assert rel(getattr(params["sparse"], name), getattr(params["dense"], name)) <= tol, name
+    if "threshold" in names:  # it moved from its (perturbed) start
+        start = state_with(config(arch, "dense", **extra), 0.0).params.threshold
+        assert np.abs(np.asarray(params["dense"].threshold - start)).min() > 1e-3
     for a, b in zip(metrics["sparse"], metrics["dense"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=tol) and a["l0"] == b["l0"]
         assert (a["kernel_sparse"], b["kernel_sparse"], b["sparse_token_fraction"]) == (1, 0, 0)
+    if arch != "relu":
+        assert metrics["dense"][2]["auxk"] == 0 and metrics["dense"][3]["auxk"] > 0
     if arch == "topk":
-        assert metrics["dense"][2]["auxk"] == 0 and metrics["dense"][-1]["auxk"] > 0
+        assert metrics["dense"][-1]["auxk"] > 0
         assert all(m["sparse_token_fraction"] == 1 for m in metrics["sparse"])
     else:
         # Every step: a few tokens over the budget went dense, the rest sparse, and no step fell back whole.
