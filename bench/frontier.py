@@ -145,8 +145,15 @@ def plot(points: list[dict], path: Path) -> None:
     b.set(
         xlabel="L0 (held-out)", ylabel="MCC vs true directions", title="Ground-truth recovery vs sparsity", xscale="log"
     )
-    b.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    for ax in (a, b):  # plain numbers at 2, 3, 5, 10, 20, 30 (log minor labels overlap between 2 and 10)
+        ax.xaxis.set_major_locator(FixedLocator([2, 3, 5, 10, 20, 30, 50]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    handles, labels = a.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=5, loc="lower center")  # below both panels, over no point
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     tmp.replace(path)
