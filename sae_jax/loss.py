@@ -77,6 +77,11 @@ def forward_in(params: SAEParams, spec: SAESpec, x: jax.Array, compute_dtype: st
     return Forward(matmul(f, params.W_dec, compute_dtype) + params.b_dec.astype(jnp.float32), f, pre)
 
 
+def normalized_by_variance(err: jax.Array, residual: jax.Array) -> jax.Array:
+    """err [] over the residual's [B, D] variance, sum_d mean_B (r - mean_B r)^2: OpenAI's normalized MSE."""
+    return err / jnp.maximum(squared_error(residual, jnp.mean(residual, axis=0)), 1e-12)
+
+
 def auxk_error(
     params: SAEParams,
     pre: jax.Array,
@@ -101,7 +106,7 @@ def auxk_error(
     e_hat = matmul(f_aux, params.W_dec, compute_dtype)
     err = squared_error(residual, e_hat)
     if normalize:
-        err = err / jnp.maximum(squared_error(residual, jnp.mean(residual, axis=0)), 1e-12)
+        err = normalized_by_variance(err, residual)
     return jnp.where(jnp.any(dead), err, 0.0)
 
 

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from sae_jax.arch import batch_topk
-from sae_jax.loss import LossParts, matmul, squared_error
+from sae_jax.loss import LossParts, matmul, normalized_by_variance, squared_error
 from sae_jax.sae import Forward, SAEParams, SAESpec
 
 F32 = jnp.float32
@@ -142,6 +142,21 @@ def route(pre: jax.Array, k_max: int, n_rows: int) -> tuple[jax.Array, jax.Array
     return jnp.where(over == 0, 0, jnp.where(over <= n_rows, 1, 2)).astype(jnp.int32), over
 
 
+def _paths(codes: jax.Array, k_max: int, n_rows: int, loss) -> list:
+    """`route`'s three paths as thunks of loss(idx [B, K], rows [R] or None): every token from its k_max largest
+    codes; the same with the `n_rows` fullest tokens dense; the whole batch dense.
+
+    codes: [B, N], active where > 0 (relu's pre, BatchTopK's kept code); an index past a token's active ones
+    carries a zero code, which each loss leaves out.
+    """
+    idx = lambda: jax.lax.top_k(codes, k_max)[1]
+    return [
+        lambda: loss(idx(), jnp.zeros((0,), jnp.int32)),
+        lambda: loss(idx(), jax.lax.top_k(jnp.sum(codes > 0, axis=-1), n_rows)[1]),
+        lambda: loss(jnp.zeros((codes.shape[0], 0), jnp.int32), None),
+    ]
+
+
 def sparse_token_fraction(path: jax.Array, batch: int, n_rows: int) -> jax.Array:
     """[] float32: the fraction of the batch's tokens relu's `path` handled sparsely."""
     return jnp.array([1.0, 1.0 - n_rows / batch, 0.0], F32)[path]
@@ -230,7 +245,7 @@ def _batchtopk_loss(
         v = jnp.where(jnp.isfinite(aux[0]), jax.nn.relu(vals[:, K:]), 0.0)
         aux_err = squared_error(residual, _decode(v, w_rows[:, K:], dtype))
         if auxk_normalize:
-            aux_err = aux_err / jnp.maximum(squared_error(residual, jnp.mean(residual, axis=0)), 1e-12)
+            aux_err = normalized_by_variance(aux_err, residual)
     parts = LossParts(recon + auxk_coefficient * aux_err, squared_error(x, x_hat), jnp.zeros((), F32), aux_err)
     return parts.loss, (Forward(x_hat, f, pre), parts)
 
@@ -290,19 +305,14 @@ def sparse_value_and_grad(
     common = dict(dtype=dtype, encoder_grad=encoder_grad)
     B, N = pre.shape
     k_max, n_rows = min(k_max, N), dense_rows(B)
+    dead_top = lambda: jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), min(auxk_k, N))  # AuxK's (values, idx)
     if recipe in ("batchtopk", "matryoshka"):
         f = batch_topk(pre, k)
-        aux = lambda: jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), min(auxk_k, N))
         kw = dict(prefixes=tuple(prefixes) or (N,), auxk_coefficient=auxk_coefficient, auxk_normalize=auxk_normalize)
         loss = lambda idx, rows, aux: run(lambda w: _batchtopk_loss(w, x, pre, f, idx, rows, aux, **kw, **common))
-        sparse_idx = lambda: jax.lax.top_k(jnp.where(f > 0, pre, -jnp.inf), k_max)[1]
-        fullest = lambda: jax.lax.top_k(jnp.sum(f > 0, axis=-1), n_rows)[1]
-        paths = [
-            lambda a: loss(sparse_idx(), jnp.zeros((0,), jnp.int32), a),
-            lambda a: loss(sparse_idx(), fullest(), a),
-            lambda a: loss(jnp.zeros((B, 0), jnp.int32), None, a),
-        ]
-        branches = [lambda p=p: p(None) for p in paths] + [lambda p=p: p(aux()) for p in paths]
+        branches = _paths(f, k_max, n_rows, lambda idx, rows: loss(idx, rows, None)) + _paths(
+            f, k_max, n_rows, lambda idx, rows: loss(idx, rows, dead_top())
+        )
         return jax.lax.switch(route(f, k_max, n_rows)[0] + 3 * jnp.any(dead).astype(jnp.int32), branches)
     if recipe not in (None, spec.architecture):
         raise ValueError(f"recipe: the sparse kernel expected batchtopk or matryoshka, found {recipe!r}")
@@ -310,16 +320,11 @@ def sparse_value_and_grad(
         idx = jax.lax.top_k(pre, spec.k)[1]
 
         def topk(with_auxk):
-            aux = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), min(auxk_k, spec.n_latents)) if with_auxk else None
+            aux = dead_top() if with_auxk else None
             return run(lambda w: _topk_loss(w, x, pre, idx, aux, auxk_coefficient=auxk_coefficient, **common))
 
         return jax.lax.cond(jnp.any(dead), lambda: topk(True), lambda: topk(False))
     if spec.architecture != "relu":
         raise ValueError(f"sae.architecture: the sparse kernel expected relu or topk, found {spec.architecture!r}")
     relu = lambda idx, rows: run(lambda w: _relu_loss(w, x, pre, idx, rows, l1_coefficient=l1_coefficient, **common))
-    paths = [
-        lambda: relu(jax.lax.top_k(pre, k_max)[1], jnp.zeros((0,), jnp.int32)),
-        lambda: relu(jax.lax.top_k(pre, k_max)[1], jax.lax.top_k(jnp.sum(pre > 0, axis=-1), n_rows)[1]),
-        lambda: relu(jnp.zeros((B, 0), jnp.int32), None),
-    ]
-    return jax.lax.switch(route(pre, k_max, n_rows)[0], paths)
+    return jax.lax.switch(route(pre, k_max, n_rows)[0], _paths(pre, k_max, n_rows, relu))
