@@ -146,41 +146,33 @@ def loss_and_grads(state: TrainState, x: jax.Array, spec: SAESpec, t: TrainConfi
     """x: [B, D] scaled -> ((loss, (forward, parts)), grads): what the step differentiates.
 
     kernel 'dense' differentiates `loss.sae_loss` (the reference); 'sparse'
-    computes the same values with `sparse.sparse_value_and_grad`. `s`: the recipe
-    (`sae_jax.arch`, dense) for anything beyond plain relu/topk; unset, the spec's relu or topk.
+    computes the same values with `sparse.sparse_value_and_grad`. `s`: the recipe (`sae_jax.arch`; sparse only
+    for batchtopk and matryoshka, `_sparse_recipe`) for anything beyond plain relu/topk; unset, the spec's relu or
+    topk.
     """
+    dead = state.since_fired >= t.dead_tokens
+    kw = dict(dead=dead, auxk_k=t.auxk_k, auxk_coefficient=t.auxk_coefficient, compute_dtype=t.compute_dtype)
+    sparse_kw = dict(k_max=t.sparse_k_max, encoder_grad=t.sparse_encoder_grad)
     if s is not None and _needs_recipe(s):
-        ctx = arch.LossContext(state.step, state.since_fired >= t.dead_tokens, s, t)
         if kernel(spec, t, s) == "dense":
-            return arch.value_and_grad(state.params, spec, x, ctx)
+            return arch.value_and_grad(state.params, spec, x, arch.LossContext(state.step, dead, s, t))
+        prefixes = matryoshka.prefixes(s, spec.n_latents) if s.architecture == "matryoshka" else ()
         out, grads = sparse.sparse_value_and_grad(
             state.params,
             spec,
             x,
             l1_coefficient=0.0,
-            dead=ctx.dead,
-            auxk_k=t.auxk_k,
-            auxk_coefficient=t.auxk_coefficient,
-            k_max=t.sparse_k_max,
-            compute_dtype=t.compute_dtype,
-            encoder_grad=t.sparse_encoder_grad,
+            **kw,
+            **sparse_kw,
             recipe=s.architecture,
             k=s.k,
-            prefixes=tuple(matryoshka.prefixes(s, spec.n_latents)) if s.architecture == "matryoshka" else (),
+            prefixes=tuple(prefixes),
             auxk_normalize=s.auxk_normalize,
         )
         return out, (arch.project_grads(state.params, grads) if arch.unit_norm_decoder(s) else grads)
-    kw = dict(
-        l1_coefficient=l1_schedule(t, state.step),
-        dead=state.since_fired >= t.dead_tokens,
-        auxk_k=t.auxk_k,
-        auxk_coefficient=t.auxk_coefficient,
-        compute_dtype=t.compute_dtype,
-    )
+    kw["l1_coefficient"] = l1_schedule(t, state.step)
     if kernel(spec, t) == "sparse":
-        return sparse.sparse_value_and_grad(
-            state.params, spec, x, **kw, k_max=t.sparse_k_max, encoder_grad=t.sparse_encoder_grad
-        )
+        return sparse.sparse_value_and_grad(state.params, spec, x, **kw, **sparse_kw)
     return jax.value_and_grad(lambda p: sae_loss(p, spec, x, **kw), has_aux=True)(state.params)
 
 
