@@ -40,7 +40,7 @@ from flax import nnx
 from sae_jax.atomic import atomic_file, atomic_write_text
 from sae_jax.attach import check_compatible
 from sae_jax.data.text import TokenBatch
-from sae_jax.llama.model import Edit, Llama, logits_from, residuals, site_index
+from sae_jax.llama.model import Edit, Llama, positions_and_mask, residuals, run_layers, site_index
 from sae_jax.metrics import DENSE_THRESHOLD, moments, quick_eval, recon_sums  # noqa: F401 (quick_eval re-exported)
 from sae_jax.sae import SAE, forward
 
@@ -64,16 +64,41 @@ def _splice(p: dict, x: jax.Array) -> jax.Array:
     return jnp.where(p["keep"][..., None], p["x"].astype(x.dtype), x)
 
 
+# Positions per chunk of the LM losses: the logits of one chunk ([3, 256, V] float32, 394 MB at V = 128256) are the
+# only ones alive at a time; the whole batch's would be [3, S, T, V] (3 GB for 8 x 256 tokens).
+LM_CHUNK = 256
+
+
 def _lm(model: Llama, x, x_hat, keep, input_ids, attention_mask, layer: int, site: str) -> dict:
-    """CE sums (clean, spliced, zero-ablated) and KL(clean || spliced) over positions whose next token is real."""
+    """CE sums (clean, spliced, zero-ablated) and KL(clean || spliced) over positions whose next token is real.
+
+    The three forwards run from the site; the head and the losses run over chunks of `LM_CHUNK` positions.
+    """
     splice = lambda r: Edit({"x": r, "keep": keep}, layer, site, _splice)
-    tail = lambda edit: jax.nn.log_softmax(logits_from(model, x, layer, site, attention_mask, edit=edit)[:, :-1], -1)
-    clean, spliced, zero = tail(None), tail(splice(x_hat)), tail(splice(jnp.zeros_like(x)))
-    w = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)  # [B, T-1]
-    target = input_ids[:, 1:, None]
-    nll = lambda lp: -(jnp.take_along_axis(lp, target, -1)[..., 0] * w).sum()
-    kl = ((jnp.exp(clean) * (clean - spliced)).sum(-1) * w).sum()
-    return {"predictions": w.sum(), "ce_clean": nll(clean), "ce_sae": nll(spliced), "ce_zero": nll(zero), "kl": kl}
+    positions, mask = positions_and_mask(x.shape[:2], attention_mask)
+    start = site_index(model.config, layer, site)
+    last = lambda edit: run_layers(model, x, positions, mask, start, edit=edit)[0][:, :-1]  # [S, T-1, D]
+    h = jnp.stack([last(None), last(splice(x_hat)), last(splice(jnp.zeros_like(x)))])  # [3, S, T-1, D]
+    w = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)  # [S, T-1]
+    P = w.size
+    pad = -P % LM_CHUNK
+    chunks = lambda a: jnp.pad(a.reshape(P, *a.shape[2:]), [(0, pad)] + [(0, 0)] * (a.ndim - 2))
+    h = jax.vmap(chunks)(h).reshape(3, -1, LM_CHUNK, h.shape[-1]).swapaxes(0, 1)  # [n, 3, C, D]
+    target = chunks(input_ids[:, 1:]).reshape(-1, LM_CHUNK)  # [n, C]
+    w = chunks(w).reshape(-1, LM_CHUNK)
+
+    def sums(args):
+        h, target, w = args
+        logits = model.head(h)  # [3, C, V]
+        lse = jax.nn.logsumexp(logits, -1)  # [3, C]
+        nll = ((lse - jnp.take_along_axis(logits, target[None, :, None], -1)[..., 0]) * w).sum(-1)  # [3]
+        # sum_v p_clean (log p_clean - log p_sae) without writing out either log-softmax; 0 when the logits agree
+        p_clean = jnp.exp(logits[0] - lse[0, :, None])
+        kl = (((p_clean * (logits[0] - logits[1])).sum(-1) - lse[0] + lse[1]) * w).sum()
+        return jnp.concatenate([nll, kl[None]])
+
+    ce_clean, ce_sae, ce_zero, kl = jax.lax.map(sums, (h, target, w)).sum(0)
+    return {"predictions": w.sum(), "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero, "kl": kl}
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("layer", "site", "scan", "lm"))
