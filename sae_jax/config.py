@@ -66,6 +66,12 @@ class SAEConfig:
         0.01,
         "batchtopk/matryoshka: rate r of theta <- (1 - r) theta + r min(kept activation) (SAELens).",
     )
+    batchtopk_token_topk_frac: float = opt(
+        0.0,
+        "batchtopk/matryoshka: fraction of training, at the start, coded per token (each token's k largest, as "
+        "topk) before the batch's B*k largest take over; theta tracks the batch code throughout. 0: never. Dense "
+        "kernel only.",
+    )
     matryoshka_prefixes: list = opt(
         [],
         "matryoshka: inner prefix sizes, increasing, each in [k, N); N is always the last. []: N/2.",
@@ -118,6 +124,7 @@ class SAEConfig:
         _nonnegative(self, path, "l0_coefficient", "jumprelu_pre_act_coefficient", "jumprelu_init_threshold")
         _in_unit(self, path, "l0_warmup_frac")
         _in_unit(self, path, "batchtopk_threshold_lr")
+        _in_unit(self, path, "batchtopk_token_topk_frac")
         sizes = self.matryoshka_prefixes
         if not all(isinstance(m, int) and not isinstance(m, bool) for m in sizes) or sizes != sorted(set(sizes)):
             raise ConfigError(f"{path}.matryoshka_prefixes: expected strictly increasing integers, found {sizes}")

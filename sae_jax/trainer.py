@@ -183,8 +183,10 @@ def _needs_recipe(s: SAEConfig) -> bool:
 
 
 def _sparse_recipe(s: SAEConfig) -> bool:
-    """Whether the sparse kernel covers recipe `s`: batchtopk and matryoshka without the pre-encoder bias."""
-    return s.architecture in ("batchtopk", "matryoshka") and not s.pre_encoder_bias
+    """Whether the sparse kernel covers recipe `s`: batchtopk and matryoshka without the pre-encoder bias or the
+    per-token phase (`sae.batchtopk_token_topk_frac`)."""
+    plain = not (s.pre_encoder_bias or s.batchtopk_token_topk_frac)
+    return s.architecture in ("batchtopk", "matryoshka") and plain
 
 
 # Metrics that metrics.jsonl gives as their mean over the steps since the previous line (run._loop).

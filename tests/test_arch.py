@@ -111,6 +111,48 @@ def test_batchtopk_threshold_moves_toward_the_smallest_kept_value():
     np.testing.assert_allclose(np.asarray(new), np.full(N, 0.99 * 0.5 + 0.01 * smallest), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["batchtopk", "matryoshka"])
+def test_token_topk_phase_codes_k_per_token_then_the_batch(name):
+    """sae.batchtopk_token_topk_frac 0.5 of 100 steps: steps 0..49 train on each token's K largest, 50.. on B*K."""
+    cfg, spec, p, x, ctx = setup(name, "sae.batchtopk_token_topk_frac=0.5")
+    a = np.maximum(np_pre(p, x), 0)
+    kth = np.sort(a, axis=1)[:, -K][:, None]
+    per_token = np.where(a >= kth, a, 0)
+    for step, want in ((0, per_token), (49, per_token), (50, np_batch_topk(np_pre(p, x), K))):
+        (_, (out, _)), _ = arch.value_and_grad(p, spec, x, ctx._replace(step=jnp.int32(step)))
+        np.testing.assert_allclose(np.asarray(out.f), want, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+    assert not np.array_equal(per_token > 0, np_batch_topk(np_pre(p, x), K) > 0)  # the two codes differ here
+
+
+def test_token_topk_phase_gradients_are_topks_and_theta_tracks_the_batch_code():
+    cfg, spec, p, x, ctx = setup("batchtopk", "sae.batchtopk_token_topk_frac=0.5")
+    ctx = ctx._replace(step=jnp.int32(0))
+    (_, (out, _)), grads = arch.value_and_grad(p, spec, x, ctx)
+
+    def ref(q):  # ref_batchtopk_loss with each token's K largest kept
+        pre = x @ q.W_enc + q.b_enc
+        a = jax.nn.relu(pre)
+        f = jnp.where(a >= jax.lax.stop_gradient(jnp.sort(a, axis=-1)[:, -K][:, None]), a, 0.0)
+        x_hat = f @ q.W_dec + q.b_dec
+        aux = ref_auxk(q, pre, jax.lax.stop_gradient(x - x_hat), ctx.dead, ctx.t.auxk_k)
+        return jnp.mean(jnp.sum((x_hat - x) ** 2, -1)) + ctx.t.auxk_coefficient * aux
+
+    assert_grads_close(grads, jax.grad(ref)(p))
+    p = dataclasses.replace(p, threshold=jnp.full((N,), 0.5, jnp.float32))
+    batch = np_batch_topk(np_pre(p, x), K)
+    new = batchtopk.update_threshold(p, out, cfg.sae).threshold
+    np.testing.assert_allclose(np.asarray(new), np.full(N, 0.99 * 0.5 + 0.01 * batch[batch > 0].min()), rtol=1e-6)
+
+
+def test_token_topk_phase_runs_on_the_dense_kernel():
+    from sae_jax.trainer import kernel
+
+    cfg = config("batchtopk", "train.kernel=sparse", "sae.batchtopk_token_topk_frac=0.5")
+    assert kernel(spec_from_config(cfg), cfg.train, cfg.sae) == "dense"
+    cfg = config("batchtopk", "train.kernel=sparse")
+    assert kernel(spec_from_config(cfg), cfg.train, cfg.sae) == "sparse"
+
+
 def test_jumprelu_forward_equals_numpy():
     cfg, spec, p, x, ctx = setup("jumprelu")
     (_, (out, parts)), _ = arch.value_and_grad(p, spec, x, ctx)
@@ -243,6 +285,7 @@ def test_jumprelu_threshold_gradient_is_the_papers_formula():
         (["sae.architecture=matryoshka", "sae.k=2", "sae.matryoshka_prefixes=[8, 4]"], "strictly increasing"),
         (["sae.architecture=matryoshka", "sae.k=2", "sae.matryoshka_prefixes=[4, 32768]"], "expected sizes in [k, N"),
         (["sae.matryoshka_prefixes=4"], "sae.matryoshka_prefixes: expected a list"),
+        (["sae.batchtopk_token_topk_frac=1.5"], "sae.batchtopk_token_topk_frac: expected 0 <= value <= 1"),
         (["sae.architecture=gated"], "sae.architecture: expected 'relu' or 'topk'"),
     ],
 )

@@ -5,18 +5,24 @@ correlated groups of 8 (0.3), 4 parents with 3 children each, magnitudes spread 
 latents, 800 steps of 512 tokens. Each recipe at its natural L0 (the true one is 5; relu's L1 sets its own and
 counts small activations), the yaml's training settings and the recipe's defaults otherwise. Measured (2-core
 CPU, seeds 0 / 1 of train.seed and data.seed): recovered at cos >= 0.9, MCC
-  topk (unit-norm decoder, k = 5)   0.922 / 0.938   0.967 / 0.969
-  relu (L1 1.5, L0 ~18)             0.914 / 0.906   0.956 / 0.955
-  batchtopk (k = 5)                 0.844 / 0.828   0.941 / 0.941
-  matryoshka (k = 5, prefix N/2)    0.891 / 0.906   0.946 / 0.949
-  jumprelu (lambda 1, L0 ~4.6)      0.852 / 0.859   0.929 / 0.926
-Before the generator's mix went from @ to einsum (a ~1e-7 change in the data) the same runs gave batchtopk
-0.867 / 0.891, matryoshka 0.883 / 0.883, jumprelu 0.852 / 0.867, topk 0.930 / 0.938, relu 0.914 / 0.914: batchtopk
-moves by up to 0.06 from run to run. batchtopk, matryoshka and jumprelu miss the 0.9 target here because of the
-magnitude spread: the features they miss are the weak ones (median typical magnitude 0.68 against 1.03
-overall), whose latents never win a place (batchtopk: firing on 0.2% of tokens, none of them the feature's), and
-with magnitude_spread 0 they recover 0.922, 0.914 and 0.969. The test runs seed 0; each floor is the lowest of
-those measurements less 2-3 features, so a regression shows.
+  topk (unit-norm decoder, k = 5)        0.922 / 0.938   0.967 / 0.969
+  relu (L1 1.5, L0 ~18)                  0.914 / 0.906   0.956 / 0.955
+  batchtopk (k = 5, per token first 80%) 0.945 / 0.938   0.962 / 0.961   (seeds 2 / 3: 0.914 / 0.922)
+  matryoshka (same, prefix N/2)          0.922 / 0.891   0.960 / 0.961   (seeds 2 / 3: 0.930 / 0.945)
+  jumprelu (lambda 1, L0 ~4.6)           0.852 / 0.859   0.929 / 0.926
+(in this test's process, 4 fake CPU devices; in a 1-device process the last bits differ and matryoshka gives
+0.953 / 0.898, everything else the same; seeds 2 / 3 from 1-device runs).
+The features batchtopk, matryoshka and jumprelu miss are the weak ones (median typical magnitude 0.68 against 1.03
+overall; with magnitude_spread 0, batch-coded, they recover 0.922, 0.914 and 0.969), and topk, same k, finds them:
+a batch-wide budget (or jumprelu's per-latent threshold) gives a weak feature's places to the strong features of
+crowded tokens, so its latent seldom fires and never learns to tell its feature from the others' interference.
+realistic.yaml therefore codes batchtopk and matryoshka per token for the first 80% of training
+(`sae.batchtopk_token_topk_frac`); coded by the batch throughout they recovered batchtopk 0.844 / 0.828 (seeds 2 /
+3: 0.852 / 0.859), matryoshka 0.891 / 0.906 (0.859 / 0.883). Their theta tracks the batch code at rate 0.05 (the
+yaml's; at 0.01 it lagged the switch and inferred L0 4.1-4.2 instead of ~5). jumprelu still misses 0.9: none of
+theta's init, eps, lambda, its warm-up, the tanh penalty, the pre-activation loss's weight, unit-norm rows, AuxK or
+Adam beta1 0 brought both seeds past 0.87. The test runs seed 0; each floor is the lowest of those measurements
+less 2-3 features, so a regression shows.
 """
 
 import json
@@ -31,8 +37,8 @@ REALISTIC = Path(__file__).resolve().parents[1] / "configs" / "realistic.yaml"
 CASES = {  # name: (settings, recovered >=, mcc >=)
     "topk": (["sae.architecture=topk", "sae.k=5", "sae.unit_norm_decoder=true"], 0.9, 0.95),
     "relu": (["sae.architecture=relu", "train.l1_coefficient=1.5"], 0.9, 0.94),
-    "batchtopk": (["sae.architecture=batchtopk", "sae.k=5"], 0.8, 0.92),
-    "matryoshka": (["sae.architecture=matryoshka", "sae.k=5"], 0.85, 0.93),
+    "batchtopk": (["sae.architecture=batchtopk", "sae.k=5"], 0.91, 0.95),
+    "matryoshka": (["sae.architecture=matryoshka", "sae.k=5"], 0.87, 0.95),
     "jumprelu": (["sae.architecture=jumprelu"], 0.82, 0.91),
 }
 

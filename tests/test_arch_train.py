@@ -34,6 +34,13 @@ RECIPES = {
         "sae.unit_norm_decoder": True,
         "sae.auxk_normalize": True,
     },
+    # Coded per token for the first 80% of 30 steps: the resumed part (from step 17) crosses the switch at 24.
+    "matryoshka-token-phase": {
+        "sae.architecture": "matryoshka",
+        "sae.k": 2,
+        "train.auxk_k": 4,
+        "sae.batchtopk_token_topk_frac": 0.8,
+    },
     "topk-unit": {
         "sae.architecture": "topk",
         "sae.k": 2,

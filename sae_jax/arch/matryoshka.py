@@ -28,7 +28,7 @@ def prefixes(s, n_latents: int) -> list[int]:
 
 def loss(params, spec, x, ctx):
     dtype = ctx.t.compute_dtype
-    out = batchtopk.forward(params, spec, x, ctx.s.k, dtype)
+    out = batchtopk.forward(params, spec, x, ctx.s.k, dtype, batchtopk.per_token_phase(ctx))
     x = x.astype(jnp.float32)
     # Each group [a, b) is decoded once; prefix m's reconstruction is b_dec plus the groups below m.
     x_hat, recon, a = params.b_dec.astype(jnp.float32), 0.0, 0
