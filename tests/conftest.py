@@ -28,6 +28,31 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Most tests run programs of a few hundred FLOPs that XLA compiles for seconds: they compile with LLVM's optimizer
+# off (--xla_backend_optimization_level=0; the same semantics, about 35% less compile time, slower code). Modules
+# whose programs run long (training to recovery, harvesting from a model) carry `pytestmark = pytest.mark.full_xla`
+# and compile as users' runs do, as do every subprocess, every function jitted at import time and every jit made
+# inside a trace (JAX takes compiler options on top-level jits only). SAE_JAX_TEST_FULL_XLA=1: all compile fully.
+QUICK_XLA = {"xla_backend_optimization_level": 0}
+_tracing = getattr(jax._src.core, "trace_state_clean", None)  # private: without it, everything compiles fully
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quick_xla(request):
+    with pytest.MonkeyPatch.context() as mp:
+        quick = request.node.get_closest_marker("full_xla") is None and not os.environ.get("SAE_JAX_TEST_FULL_XLA")
+        if quick and _tracing is not None:
+            jit = jax.jit
+            mp.setattr(
+                jax, "jit", lambda *a, **kw: jit(*a, **({"compiler_options": QUICK_XLA} | kw if _tracing() else kw))
+            )
+        yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full_xla: compile with XLA's full optimisation (programs that run long)")
+
+
 @pytest.fixture(scope="session")
 def tok(tmp_path_factory):
     """The offline Llama-3 tokenizer (llama-models' tiktoken file), built once per session."""

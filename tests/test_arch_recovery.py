@@ -33,6 +33,8 @@ import pytest
 from sae_jax.config import load_config
 from sae_jax.run import train
 
+pytestmark = pytest.mark.full_xla  # long-running programs: compiled as users' runs are (conftest.py)
+
 REALISTIC = Path(__file__).resolve().parents[1] / "configs" / "realistic.yaml"
 CASES = {  # name: (settings, recovered >=, mcc >=)
     "topk": (["sae.architecture=topk", "sae.k=5", "sae.unit_norm_decoder=true"], 0.9, 0.95),

@@ -14,6 +14,8 @@ from sae_jax.demo import prepare
 from sae_jax.evaluate import evaluate, text_batches
 from sae_jax.run import train
 
+pytestmark = pytest.mark.full_xla  # long-running programs: compiled as users' runs are (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

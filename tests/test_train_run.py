@@ -11,6 +11,8 @@ from sae_jax.config import load_config
 from sae_jax.data.synthetic import recovered_fraction, true_dictionary
 from sae_jax.run import train
 
+pytestmark = pytest.mark.full_xla  # long-running programs: compiled as users' runs are (conftest.py)
+
 RECOVERY = [
     "sae.d_in=64",
     "sae.expansion=16",
