@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from sae_jax.arch import batch_topk
 from sae_jax.loss import LossParts, matmul, normalized_by_variance, squared_error
 from sae_jax.sae import Forward, SAEParams, SAESpec
+from sae_jax.sums import tree_sum
 
 F32 = jnp.float32
 # What the branches differentiate: SAEParams' arrays, W_enc as the encoder gradient's mode lays it out.
@@ -84,7 +85,7 @@ def _active_bwd(encoder_grad, dtype, res, cot):
     x, idx, rows, w = res
     g_vals, g_rows, g_dense = cot
     (N, D), B, flat = w.shape, x.shape[0], idx.reshape(-1)
-    db_enc = jnp.zeros((N,), F32).at[flat].add(g_vals.reshape(-1)) + jnp.sum(g_dense, axis=0)
+    db_enc = jnp.zeros((N,), F32).at[flat].add(g_vals.reshape(-1)) + tree_sum(g_dense, 0)
     if encoder_grad == "matmul":
         dpre = g_dense if rows is None else jnp.zeros((B, N), F32).at[rows].add(g_dense)
         dpre = dpre.at[jnp.arange(B)[:, None], idx].add(g_vals)
@@ -130,6 +131,11 @@ def dense_codes(idx: jax.Array, a: jax.Array, n: int) -> jax.Array:
     return jnp.put_along_axis(jnp.zeros((a.shape[0], n), a.dtype), idx, a, axis=-1, inplace=False)
 
 
+def active_counts(codes: jax.Array) -> jax.Array:
+    """codes: [B, N] -> [B] int32, each token's count of codes > 0 (`sums.tree_sum`)."""
+    return tree_sum((codes > 0).astype(jnp.int32), -1)
+
+
 def route(pre: jax.Array, k_max: int, n_rows: int) -> tuple[jax.Array, jax.Array]:
     """pre: [B, N] -> (path [] int32, over [] int32) of the per-token sparse step; over: tokens with > k_max active.
 
@@ -138,7 +144,7 @@ def route(pre: jax.Array, k_max: int, n_rows: int) -> tuple[jax.Array, jax.Array
     path 0: every token sparse; 1: the `n_rows` fullest tokens dense, the rest
     sparse (0 < over <= n_rows); 2: the whole batch dense.
     """
-    over = jnp.sum(jnp.sum(pre > 0, axis=-1) > k_max).astype(jnp.int32)
+    over = jnp.sum(active_counts(pre) > k_max).astype(jnp.int32)
     return jnp.where(over == 0, 0, jnp.where(over <= n_rows, 1, 2)).astype(jnp.int32), over
 
 
@@ -152,7 +158,7 @@ def _paths(codes: jax.Array, k_max: int, n_rows: int, loss) -> list:
     idx = lambda: jax.lax.top_k(codes, k_max)[1]
     return [
         lambda: loss(idx(), jnp.zeros((0,), jnp.int32)),
-        lambda: loss(idx(), jax.lax.top_k(jnp.sum(codes > 0, axis=-1), n_rows)[1]),
+        lambda: loss(idx(), jax.lax.top_k(active_counts(codes), n_rows)[1]),
         lambda: loss(jnp.zeros((codes.shape[0], 0), jnp.int32), None),
     ]
 
@@ -172,19 +178,20 @@ def _relu_loss(wrt: Wrt, x, pre, idx, rows, *, l1_coefficient, dtype, encoder_gr
         sparse_tok = sparse_tok.at[rows].set(False)
     a = jnp.where(sparse_tok[:, None], jax.nn.relu(vals), 0.0)
     x_hat = _decode(a, w_rows, dtype)
-    # sum_i f_i |W_dec,i| over the active set only: f is zero elsewhere.
-    penalty = jnp.sum(a * jnp.sqrt(jnp.sum(jnp.square(w_rows.astype(F32)), axis=-1)), axis=-1)
+    # sum_i f_i |W_dec,i| over the active set only: f is zero elsewhere (and on the dense rows).
+    penalty = jnp.sum(a * jnp.sqrt(jnp.sum(jnp.square(w_rows.astype(F32)), axis=-1)))
     f = dense_codes(idx, a, N)
     if pre_d.shape[0]:
         f_d = jax.nn.relu(pre_d)
         dec_d = matmul(f_d, W_dec, dtype)
-        pen_d = jnp.sum(f_d * jnp.linalg.norm(W_dec.astype(F32), axis=1), axis=-1)
+        # The dense rows' penalty summed over them, batch first as `loss.weighted_l1` does.
+        penalty = penalty + jnp.sum(tree_sum(f_d, 0) * jnp.linalg.norm(W_dec.astype(F32), axis=1))
         if rows is None:
-            x_hat, penalty, f = dec_d, pen_d, f_d
+            x_hat, f = dec_d, f_d
         else:
-            x_hat, penalty, f = x_hat.at[rows].add(dec_d), penalty.at[rows].add(pen_d), f.at[rows].set(f_d)
+            x_hat, f = x_hat.at[rows].add(dec_d), f.at[rows].set(f_d)
     x_hat = x_hat + b_dec.astype(F32)
-    recon, sparsity = squared_error(x, x_hat), jnp.mean(penalty)
+    recon, sparsity = squared_error(x, x_hat), penalty / B
     parts = LossParts(recon + l1_coefficient * sparsity, recon, sparsity, jnp.zeros((), F32))
     return parts.loss, (Forward(x_hat, f, pre), parts)
 
