@@ -62,39 +62,51 @@ def _rounded(a: jax.Array, dtype) -> jax.Array:
     return a.astype(dtype).astype(F32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, split):
     """x: [B, D], pre: [B, N] (= x @ W_enc + b_enc, computed once), idx: [B, K], rows: [R] or None (all B)
 
     -> (pre at idx [B, K], W_dec's rows at idx [B, K, D], pre's rows `rows` [R, N]).
     W_enc and b_enc enter only through their gradient; `pre` carries none. idx
     may repeat a latent within a token (main and AuxK sets): cotangents add.
+    split: None, or s: the rows as two gathers, ([B, s, D], [B, K - s, D]) (main and AuxK sets), so that
+    neither is a slice of one [B, K, D] gather (XLA:CPU copies such a slice: 0.54 GB for topk's AuxK rows).
     """
     dense = pre if rows is None else jnp.take(pre, rows, axis=0, mode="clip")
     # idx and rows come from top_k: always in range.
-    return jnp.take_along_axis(pre, idx, axis=-1, mode="clip"), jnp.take(W_dec, idx, axis=0, mode="clip"), dense
+    take = lambda i: jnp.take(W_dec, i, axis=0, mode="clip")
+    w_rows = take(idx) if split is None else (take(idx[:, :split]), take(idx[:, split:]))
+    return jnp.take_along_axis(pre, idx, axis=-1, mode="clip"), w_rows, dense
 
 
-def _active_fwd(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype):
-    out = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype)
+def _active_fwd(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, split):
+    out = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, split)
     return out, (x, idx, rows, jax.ShapeDtypeStruct(W_dec.shape, W_dec.dtype))
 
 
-def _active_bwd(encoder_grad, dtype, res, cot):
-    """(g_vals [B, K], g_rows [B, K, D], g_dense [R, N]) -> (None, dW_enc, db_enc [N], dW_dec [N, D], None x 3)."""
+def _active_bwd(encoder_grad, dtype, split, res, cot):
+    """(g_vals [B, K], g_rows [B, K, D] (or `split`'s two), g_dense [R, N]) -> (None, dW_enc, db_enc [N], dW_dec
+    [N, D], None x 3)."""
     x, idx, rows, w = res
     g_vals, g_rows, g_dense = cot
     (N, D), B, flat = w.shape, x.shape[0], idx.reshape(-1)
+    # (indices, rows' cotangents) of each gather.
+    sets = [(idx, g_rows)] if split is None else [(idx[:, :split], g_rows[0]), (idx[:, split:], g_rows[1])]
     db_enc = jnp.zeros((N,), F32).at[flat].add(g_vals.reshape(-1)) + tree_sum(g_dense, 0)
     if encoder_grad == "matmul":
         dpre = g_dense if rows is None else jnp.zeros((B, N), F32).at[rows].add(g_dense)
         dpre = dpre.at[jnp.arange(B)[:, None], idx].add(g_vals)
         dW_enc = jnp.matmul(x.astype(dtype).T, dpre.astype(dtype), preferred_element_type=F32)
-        dW_dec = jnp.zeros((N, D), F32).at[flat].add(g_rows.reshape(-1, D))
+        dW_dec = jnp.zeros((N, D), F32)
+        for i, g in sets:
+            dW_dec = dW_dec.at[i.reshape(-1)].add(g.reshape(-1, D))
         return None, dW_enc, db_enc, dW_dec, None, None, None
     # One scatter of [2, D] windows: row n of dW_dec and of dW_enc^T side by side.
     xg = _rounded(g_vals, dtype)[..., None] * _rounded(x, dtype)[:, None, :]
-    both = jnp.zeros((N, 2, D), F32).at[flat].add(jnp.stack([g_rows, xg], axis=2).reshape(-1, 2, D))
+    both, lo = jnp.zeros((N, 2, D), F32), 0
+    for i, g in sets:
+        part = jnp.stack([g, xg[:, lo : lo + i.shape[1]]], axis=2).reshape(-1, 2, D)
+        both, lo = both.at[i.reshape(-1)].add(part), lo + i.shape[1]
     dW_encT = both[:, 1]
     if g_dense.shape[0]:
         x_rows = x if rows is None else jnp.take(x, rows, axis=0)
@@ -172,7 +184,7 @@ def _relu_loss(wrt: Wrt, x, pre, idx, rows, *, l1_coefficient, dtype, encoder_gr
     """relu's loss: tokens `rows` ([R], None for all) densely, the others from their active set idx [B, K]."""
     W_enc, b_enc, W_dec, b_dec = wrt
     B, N = pre.shape
-    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype)
+    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, None)
     sparse_tok = jnp.ones((B,), bool)
     if rows is not None and rows.shape[0]:
         sparse_tok = sparse_tok.at[rows].set(False)
@@ -204,14 +216,16 @@ def _topk_loss(wrt: Wrt, x, pre, idx, aux, *, auxk_coefficient, dtype, encoder_g
     W_enc, b_enc, W_dec, b_dec = wrt
     k, no_rows = idx.shape[1], jnp.zeros((0,), jnp.int32)
     both = idx if aux is None else jnp.concatenate([idx, aux[1]], axis=-1)
-    vals, w_rows, _ = _active(x, W_enc, b_enc, W_dec, pre, both, no_rows, encoder_grad, dtype)
+    split = None if aux is None else k
+    vals, w_rows, _ = _active(x, W_enc, b_enc, W_dec, pre, both, no_rows, encoder_grad, dtype, split)
+    main_rows, aux_rows = (w_rows, None) if aux is None else w_rows
     a = jax.nn.relu(vals[:, :k])
-    x_hat = _decode(a, w_rows[:, :k], dtype) + b_dec.astype(F32)
+    x_hat = _decode(a, main_rows, dtype) + b_dec.astype(F32)
     recon, aux_err = squared_error(x, x_hat), jnp.zeros((), F32)
     if aux is not None:
         # `loss.auxk_error` over the k_aux largest dead pre-activations only: O(B·k_aux·D).
         v = jnp.where(jnp.isfinite(aux[0]), jax.nn.relu(vals[:, k:]), 0.0)
-        aux_err = squared_error(jax.lax.stop_gradient(x - x_hat), _decode(v, w_rows[:, k:], dtype))
+        aux_err = squared_error(jax.lax.stop_gradient(x - x_hat), _decode(v, aux_rows, dtype))
     parts = LossParts(recon + auxk_coefficient * aux_err, recon, jnp.zeros((), F32), aux_err)
     return parts.loss, (Forward(x_hat, dense_codes(idx, a, pre.shape[-1]), pre), parts)
 
@@ -228,7 +242,9 @@ def _batchtopk_loss(
     W_enc, b_enc, W_dec, b_dec = wrt
     (B, N), K = pre.shape, idx.shape[1]
     both = idx if aux is None else jnp.concatenate([idx, aux[1]], axis=-1)
-    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, both, rows, encoder_grad, dtype)
+    split = None if aux is None else K
+    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, both, rows, encoder_grad, dtype, split)
+    main_rows, aux_rows = (w_rows, None) if aux is None else w_rows
     sparse_tok = jnp.ones((B,), bool)
     if rows is not None and rows.shape[0]:
         sparse_tok = sparse_tok.at[rows].set(False)
@@ -240,7 +256,7 @@ def _batchtopk_loss(
     x_hat, recon, lo = b_dec.astype(F32), jnp.zeros((), F32), 0
     for hi in prefixes:
         group = a if (lo, hi) == (0, N) else jnp.where((idx >= lo) & (idx < hi), a, 0.0)
-        part = _decode(group, w_rows[:, :K], dtype)
+        part = _decode(group, main_rows, dtype)
         if pre_d.shape[0]:
             dec_d = matmul(f_d[:, lo:hi], W_dec[lo:hi], dtype)
             part = dec_d if rows is None else part.at[rows].add(dec_d)
@@ -250,7 +266,7 @@ def _batchtopk_loss(
     if aux is not None:
         residual = jax.lax.stop_gradient(x - x_hat)
         v = jnp.where(jnp.isfinite(aux[0]), jax.nn.relu(vals[:, K:]), 0.0)
-        aux_err = squared_error(residual, _decode(v, w_rows[:, K:], dtype))
+        aux_err = squared_error(residual, _decode(v, aux_rows, dtype))
         if auxk_normalize:
             aux_err = normalized_by_variance(aux_err, residual)
     parts = LossParts(recon + auxk_coefficient * aux_err, squared_error(x, x_hat), jnp.zeros((), F32), aux_err)
