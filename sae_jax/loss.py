@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sae_jax.sae import Forward, SAEParams, SAESpec, activate, forward_params
+from sae_jax.sums import add_bias, tree_sum
 
 
 class LossParts(NamedTuple):
@@ -30,10 +31,11 @@ def squared_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 
 
 def weighted_l1(params: SAEParams, f: jax.Array) -> jax.Array:
-    """f: [B, N] -> [] mean over B of sum_i f_i * |W_dec row i|."""
+    """f: [B, N] -> [] mean over B of sum_i f_i * |W_dec row i|, as sum_i (sum_b f_bi) |W_dec row i| / B."""
     dec_norms = jnp.linalg.norm(params.W_dec.astype(jnp.float32), axis=1)
-    # Elementwise, not f @ dec_norms: no float32 product over [B, N] under bfloat16, and the sparse kernel's sum.
-    return jnp.mean(jnp.sum(f * dec_norms, axis=-1))
+    # Not f @ dec_norms: no float32 product over [B, N] under bfloat16. The batch sum first (`sums.tree_sum`):
+    # neither direction then reduces over [B, N] (the gradient wrt the norms is that sum / B).
+    return jnp.sum(tree_sum(f, 0) * dec_norms) / f.shape[0]
 
 
 def matmul(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -72,9 +74,9 @@ def forward_in(params: SAEParams, spec: SAESpec, x: jax.Array, compute_dtype: st
     if compute_dtype == "float32":
         return forward_params(params, spec, x)
     x = x - params.b_dec.astype(jnp.float32) if spec.apply_b_dec_to_input else x
-    pre = matmul(x, params.W_enc, compute_dtype) + params.b_enc.astype(jnp.float32)
+    pre = add_bias(matmul(x, params.W_enc, compute_dtype), params.b_enc.astype(jnp.float32))
     f = activate(spec, pre, params.threshold)
-    return Forward(matmul(f, params.W_dec, compute_dtype) + params.b_dec.astype(jnp.float32), f, pre)
+    return Forward(add_bias(matmul(f, params.W_dec, compute_dtype), params.b_dec.astype(jnp.float32)), f, pre)
 
 
 def normalized_by_variance(err: jax.Array, residual: jax.Array) -> jax.Array:

@@ -17,6 +17,8 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sae_jax.sums import add_bias
+
 # How an SAE encodes at inference. Training recipes (config `sae.architecture`) map onto these:
 # batchtopk and matryoshka are exported as jumprelu with their learned threshold.
 Architecture = Literal["relu", "topk", "jumprelu"]
@@ -111,7 +113,7 @@ def pre_activations(params: SAEParams, spec: SAESpec, x: jax.Array) -> jax.Array
     x = x.astype(jnp.float32) * spec.input_scale
     if spec.apply_b_dec_to_input:
         x = x - params.b_dec.astype(jnp.float32)
-    return x @ params.W_enc.astype(jnp.float32) + params.b_enc.astype(jnp.float32)
+    return add_bias(x @ params.W_enc.astype(jnp.float32), params.b_enc.astype(jnp.float32))
 
 
 def activate(spec: SAESpec, pre: jax.Array, threshold: jax.Array | None = None) -> jax.Array:
@@ -126,7 +128,7 @@ def activate(spec: SAESpec, pre: jax.Array, threshold: jax.Array | None = None) 
 
 def decode_params(params: SAEParams, spec: SAESpec, f: jax.Array) -> jax.Array:
     """f: [..., N] -> x_hat: [..., D] in raw activation units, float32."""
-    x_hat = f.astype(jnp.float32) @ params.W_dec.astype(jnp.float32) + params.b_dec.astype(jnp.float32)
+    x_hat = add_bias(f.astype(jnp.float32) @ params.W_dec.astype(jnp.float32), params.b_dec.astype(jnp.float32))
     return x_hat / spec.input_scale
 
 

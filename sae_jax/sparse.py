@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from sae_jax.arch import batch_topk
 from sae_jax.loss import LossParts, matmul, normalized_by_variance, squared_error
 from sae_jax.sae import Forward, SAEParams, SAESpec
+from sae_jax.sums import tree_sum
 
 F32 = jnp.float32
 # What the branches differentiate: SAEParams' arrays, W_enc as the encoder gradient's mode lays it out.
@@ -61,39 +62,51 @@ def _rounded(a: jax.Array, dtype) -> jax.Array:
     return a.astype(dtype).astype(F32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, split):
     """x: [B, D], pre: [B, N] (= x @ W_enc + b_enc, computed once), idx: [B, K], rows: [R] or None (all B)
 
     -> (pre at idx [B, K], W_dec's rows at idx [B, K, D], pre's rows `rows` [R, N]).
     W_enc and b_enc enter only through their gradient; `pre` carries none. idx
     may repeat a latent within a token (main and AuxK sets): cotangents add.
+    split: None, or s: the rows as two gathers, ([B, s, D], [B, K - s, D]) (main and AuxK sets), so that
+    neither is a slice of one [B, K, D] gather (XLA:CPU copies such a slice: 0.54 GB for topk's AuxK rows).
     """
     dense = pre if rows is None else jnp.take(pre, rows, axis=0, mode="clip")
     # idx and rows come from top_k: always in range.
-    return jnp.take_along_axis(pre, idx, axis=-1, mode="clip"), jnp.take(W_dec, idx, axis=0, mode="clip"), dense
+    take = lambda i: jnp.take(W_dec, i, axis=0, mode="clip")
+    w_rows = take(idx) if split is None else (take(idx[:, :split]), take(idx[:, split:]))
+    return jnp.take_along_axis(pre, idx, axis=-1, mode="clip"), w_rows, dense
 
 
-def _active_fwd(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype):
-    out = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype)
+def _active_fwd(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, split):
+    out = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, split)
     return out, (x, idx, rows, jax.ShapeDtypeStruct(W_dec.shape, W_dec.dtype))
 
 
-def _active_bwd(encoder_grad, dtype, res, cot):
-    """(g_vals [B, K], g_rows [B, K, D], g_dense [R, N]) -> (None, dW_enc, db_enc [N], dW_dec [N, D], None x 3)."""
+def _active_bwd(encoder_grad, dtype, split, res, cot):
+    """(g_vals [B, K], g_rows [B, K, D] (or `split`'s two), g_dense [R, N]) -> (None, dW_enc, db_enc [N], dW_dec
+    [N, D], None x 3)."""
     x, idx, rows, w = res
     g_vals, g_rows, g_dense = cot
     (N, D), B, flat = w.shape, x.shape[0], idx.reshape(-1)
-    db_enc = jnp.zeros((N,), F32).at[flat].add(g_vals.reshape(-1)) + jnp.sum(g_dense, axis=0)
+    # (indices, rows' cotangents) of each gather.
+    sets = [(idx, g_rows)] if split is None else [(idx[:, :split], g_rows[0]), (idx[:, split:], g_rows[1])]
+    db_enc = jnp.zeros((N,), F32).at[flat].add(g_vals.reshape(-1)) + tree_sum(g_dense, 0)
     if encoder_grad == "matmul":
         dpre = g_dense if rows is None else jnp.zeros((B, N), F32).at[rows].add(g_dense)
         dpre = dpre.at[jnp.arange(B)[:, None], idx].add(g_vals)
         dW_enc = jnp.matmul(x.astype(dtype).T, dpre.astype(dtype), preferred_element_type=F32)
-        dW_dec = jnp.zeros((N, D), F32).at[flat].add(g_rows.reshape(-1, D))
+        dW_dec = jnp.zeros((N, D), F32)
+        for i, g in sets:
+            dW_dec = dW_dec.at[i.reshape(-1)].add(g.reshape(-1, D))
         return None, dW_enc, db_enc, dW_dec, None, None, None
     # One scatter of [2, D] windows: row n of dW_dec and of dW_enc^T side by side.
     xg = _rounded(g_vals, dtype)[..., None] * _rounded(x, dtype)[:, None, :]
-    both = jnp.zeros((N, 2, D), F32).at[flat].add(jnp.stack([g_rows, xg], axis=2).reshape(-1, 2, D))
+    both, lo = jnp.zeros((N, 2, D), F32), 0
+    for i, g in sets:
+        part = jnp.stack([g, xg[:, lo : lo + i.shape[1]]], axis=2).reshape(-1, 2, D)
+        both, lo = both.at[i.reshape(-1)].add(part), lo + i.shape[1]
     dW_encT = both[:, 1]
     if g_dense.shape[0]:
         x_rows = x if rows is None else jnp.take(x, rows, axis=0)
@@ -130,6 +143,11 @@ def dense_codes(idx: jax.Array, a: jax.Array, n: int) -> jax.Array:
     return jnp.put_along_axis(jnp.zeros((a.shape[0], n), a.dtype), idx, a, axis=-1, inplace=False)
 
 
+def active_counts(codes: jax.Array) -> jax.Array:
+    """codes: [B, N] -> [B] int32, each token's count of codes > 0 (`sums.tree_sum`)."""
+    return tree_sum((codes > 0).astype(jnp.int32), -1)
+
+
 def route(pre: jax.Array, k_max: int, n_rows: int) -> tuple[jax.Array, jax.Array]:
     """pre: [B, N] -> (path [] int32, over [] int32) of the per-token sparse step; over: tokens with > k_max active.
 
@@ -138,7 +156,7 @@ def route(pre: jax.Array, k_max: int, n_rows: int) -> tuple[jax.Array, jax.Array
     path 0: every token sparse; 1: the `n_rows` fullest tokens dense, the rest
     sparse (0 < over <= n_rows); 2: the whole batch dense.
     """
-    over = jnp.sum(jnp.sum(pre > 0, axis=-1) > k_max).astype(jnp.int32)
+    over = jnp.sum(active_counts(pre) > k_max).astype(jnp.int32)
     return jnp.where(over == 0, 0, jnp.where(over <= n_rows, 1, 2)).astype(jnp.int32), over
 
 
@@ -152,7 +170,7 @@ def _paths(codes: jax.Array, k_max: int, n_rows: int, loss) -> list:
     idx = lambda: jax.lax.top_k(codes, k_max)[1]
     return [
         lambda: loss(idx(), jnp.zeros((0,), jnp.int32)),
-        lambda: loss(idx(), jax.lax.top_k(jnp.sum(codes > 0, axis=-1), n_rows)[1]),
+        lambda: loss(idx(), jax.lax.top_k(active_counts(codes), n_rows)[1]),
         lambda: loss(jnp.zeros((codes.shape[0], 0), jnp.int32), None),
     ]
 
@@ -166,25 +184,26 @@ def _relu_loss(wrt: Wrt, x, pre, idx, rows, *, l1_coefficient, dtype, encoder_gr
     """relu's loss: tokens `rows` ([R], None for all) densely, the others from their active set idx [B, K]."""
     W_enc, b_enc, W_dec, b_dec = wrt
     B, N = pre.shape
-    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype)
+    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, None)
     sparse_tok = jnp.ones((B,), bool)
     if rows is not None and rows.shape[0]:
         sparse_tok = sparse_tok.at[rows].set(False)
     a = jnp.where(sparse_tok[:, None], jax.nn.relu(vals), 0.0)
     x_hat = _decode(a, w_rows, dtype)
-    # sum_i f_i |W_dec,i| over the active set only: f is zero elsewhere.
-    penalty = jnp.sum(a * jnp.sqrt(jnp.sum(jnp.square(w_rows.astype(F32)), axis=-1)), axis=-1)
+    # sum_i f_i |W_dec,i| over the active set only: f is zero elsewhere (and on the dense rows).
+    penalty = jnp.sum(a * jnp.sqrt(jnp.sum(jnp.square(w_rows.astype(F32)), axis=-1)))
     f = dense_codes(idx, a, N)
     if pre_d.shape[0]:
         f_d = jax.nn.relu(pre_d)
         dec_d = matmul(f_d, W_dec, dtype)
-        pen_d = jnp.sum(f_d * jnp.linalg.norm(W_dec.astype(F32), axis=1), axis=-1)
+        # The dense rows' penalty summed over them, batch first as `loss.weighted_l1` does.
+        penalty = penalty + jnp.sum(tree_sum(f_d, 0) * jnp.linalg.norm(W_dec.astype(F32), axis=1))
         if rows is None:
-            x_hat, penalty, f = dec_d, pen_d, f_d
+            x_hat, f = dec_d, f_d
         else:
-            x_hat, penalty, f = x_hat.at[rows].add(dec_d), penalty.at[rows].add(pen_d), f.at[rows].set(f_d)
+            x_hat, f = x_hat.at[rows].add(dec_d), f.at[rows].set(f_d)
     x_hat = x_hat + b_dec.astype(F32)
-    recon, sparsity = squared_error(x, x_hat), jnp.mean(penalty)
+    recon, sparsity = squared_error(x, x_hat), penalty / B
     parts = LossParts(recon + l1_coefficient * sparsity, recon, sparsity, jnp.zeros((), F32))
     return parts.loss, (Forward(x_hat, f, pre), parts)
 
@@ -197,14 +216,16 @@ def _topk_loss(wrt: Wrt, x, pre, idx, aux, *, auxk_coefficient, dtype, encoder_g
     W_enc, b_enc, W_dec, b_dec = wrt
     k, no_rows = idx.shape[1], jnp.zeros((0,), jnp.int32)
     both = idx if aux is None else jnp.concatenate([idx, aux[1]], axis=-1)
-    vals, w_rows, _ = _active(x, W_enc, b_enc, W_dec, pre, both, no_rows, encoder_grad, dtype)
+    split = None if aux is None else k
+    vals, w_rows, _ = _active(x, W_enc, b_enc, W_dec, pre, both, no_rows, encoder_grad, dtype, split)
+    main_rows, aux_rows = (w_rows, None) if aux is None else w_rows
     a = jax.nn.relu(vals[:, :k])
-    x_hat = _decode(a, w_rows[:, :k], dtype) + b_dec.astype(F32)
+    x_hat = _decode(a, main_rows, dtype) + b_dec.astype(F32)
     recon, aux_err = squared_error(x, x_hat), jnp.zeros((), F32)
     if aux is not None:
         # `loss.auxk_error` over the k_aux largest dead pre-activations only: O(B·k_aux·D).
         v = jnp.where(jnp.isfinite(aux[0]), jax.nn.relu(vals[:, k:]), 0.0)
-        aux_err = squared_error(jax.lax.stop_gradient(x - x_hat), _decode(v, w_rows[:, k:], dtype))
+        aux_err = squared_error(jax.lax.stop_gradient(x - x_hat), _decode(v, aux_rows, dtype))
     parts = LossParts(recon + auxk_coefficient * aux_err, recon, jnp.zeros((), F32), aux_err)
     return parts.loss, (Forward(x_hat, dense_codes(idx, a, pre.shape[-1]), pre), parts)
 
@@ -221,7 +242,9 @@ def _batchtopk_loss(
     W_enc, b_enc, W_dec, b_dec = wrt
     (B, N), K = pre.shape, idx.shape[1]
     both = idx if aux is None else jnp.concatenate([idx, aux[1]], axis=-1)
-    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, both, rows, encoder_grad, dtype)
+    split = None if aux is None else K
+    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, both, rows, encoder_grad, dtype, split)
+    main_rows, aux_rows = (w_rows, None) if aux is None else w_rows
     sparse_tok = jnp.ones((B,), bool)
     if rows is not None and rows.shape[0]:
         sparse_tok = sparse_tok.at[rows].set(False)
@@ -233,7 +256,7 @@ def _batchtopk_loss(
     x_hat, recon, lo = b_dec.astype(F32), jnp.zeros((), F32), 0
     for hi in prefixes:
         group = a if (lo, hi) == (0, N) else jnp.where((idx >= lo) & (idx < hi), a, 0.0)
-        part = _decode(group, w_rows[:, :K], dtype)
+        part = _decode(group, main_rows, dtype)
         if pre_d.shape[0]:
             dec_d = matmul(f_d[:, lo:hi], W_dec[lo:hi], dtype)
             part = dec_d if rows is None else part.at[rows].add(dec_d)
@@ -243,7 +266,7 @@ def _batchtopk_loss(
     if aux is not None:
         residual = jax.lax.stop_gradient(x - x_hat)
         v = jnp.where(jnp.isfinite(aux[0]), jax.nn.relu(vals[:, K:]), 0.0)
-        aux_err = squared_error(residual, _decode(v, w_rows[:, K:], dtype))
+        aux_err = squared_error(residual, _decode(v, aux_rows, dtype))
         if auxk_normalize:
             aux_err = normalized_by_variance(aux_err, residual)
     parts = LossParts(recon + auxk_coefficient * aux_err, squared_error(x, x_hat), jnp.zeros((), F32), aux_err)

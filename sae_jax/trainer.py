@@ -230,7 +230,7 @@ def train_step(
         "loss": loss,
         "recon": parts.recon,
         "mse": jnp.mean((out.x_hat - x) ** 2),
-        "l0": jnp.mean(jnp.sum(out.f > 0, axis=-1)),
+        "l0": jnp.mean(sparse.active_counts(out.f)),
         "explained_variance": explained_variance(x, out.x_hat),
         "dead_fraction": jnp.mean(since >= t.dead_tokens),
         "l1_coefficient": jnp.asarray(l1_schedule(t, state.step), jnp.float32),

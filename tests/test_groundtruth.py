@@ -6,7 +6,7 @@ from sae_helpers import make_sae
 
 from sae_jax import groundtruth
 from sae_jax.config import SyntheticConfig
-from sae_jax.data.synthetic import SyntheticSource, firing_probs, parents
+from sae_jax.data.synthetic import SyntheticSource, firing_probs, mix, parents
 
 D = 8
 
@@ -77,6 +77,15 @@ def test_plain_generator_is_unchanged():
     """The default options draw the same batches as before the realistic ones existed (value recorded then)."""
     x = SyntheticSource(SyntheticConfig(), 64, 16, 0).next_batch()
     assert float(x.sum()) == pytest.approx(-35.35554, abs=1e-4)
+
+
+@pytest.mark.parametrize("d_in", [64, 2048])
+def test_mix_is_einsum_bit_for_bit(d_in):
+    """The generator's sparse product gives einsum's bits, tokens with no active feature and dense ones included."""
+    src = SyntheticSource(SyntheticConfig(), d_in, 64, 0)
+    c = src.batch(3)[1]
+    c[0], c[1] = 0.0, np.random.default_rng(0).uniform(0.5, 1.5, c.shape[1])
+    np.testing.assert_array_equal(mix(c, src.dictionary), np.einsum("bn,nd->bd", c, src.dictionary))
 
 
 def test_realistic_generator_frequencies_hierarchy_and_correlation():

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from sae_jax.loss import matmul
 from sae_jax.sae import SAEParams, SAESpec, init_params
+from sae_jax.sums import add_bias
 
 if TYPE_CHECKING:
     from sae_jax.config import SAEConfig, TrainConfig
@@ -77,12 +78,12 @@ def pre_activations(params: SAEParams, spec: SAESpec, x: jax.Array, dtype: str =
     x = x.astype(jnp.float32)
     if spec.apply_b_dec_to_input:
         x = x - params.b_dec.astype(jnp.float32)
-    return matmul(x, params.W_enc, dtype) + params.b_enc.astype(jnp.float32)
+    return add_bias(matmul(x, params.W_enc, dtype), params.b_enc.astype(jnp.float32))
 
 
 def decode(params: SAEParams, f: jax.Array, dtype: str = "float32") -> jax.Array:
     """f: [B, N] -> x_hat [B, D] float32."""
-    return matmul(f, params.W_dec, dtype) + params.b_dec.astype(jnp.float32)
+    return add_bias(matmul(f, params.W_dec, dtype), params.b_dec.astype(jnp.float32))
 
 
 def batch_topk(pre: jax.Array, k: int) -> jax.Array:
