@@ -7,7 +7,6 @@ import glob
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -56,16 +55,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
     finally:
-        _remove_tree(tmp)
-
-
-def _remove_tree(path: Path, tries: int = 50, wait_s: float = 0.1) -> None:
-    """Remove `path`, again while a writer's threads (orbax's, after a failed save) still add files to it."""
-    for _ in range(tries):
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.lexists(path):
-            return
-        time.sleep(wait_s)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_leftovers(path: str | Path) -> list[Path]:
