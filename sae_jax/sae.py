@@ -122,7 +122,12 @@ def activate(spec: SAESpec, pre: jax.Array, threshold: jax.Array | None = None) 
         return jax.nn.relu(pre)
     if spec.architecture == "jumprelu":
         return jnp.where(pre > threshold.astype(jnp.float32), pre, 0.0)
-    vals, idx = jax.lax.top_k(pre, spec.k)
+    return topk_code(pre, spec.k)
+
+
+def topk_code(pre: jax.Array, k: int) -> jax.Array:
+    """pre: [..., N] -> f: [..., N], each row's k largest, ReLU'd, kept (ties by index), the rest 0."""
+    vals, idx = jax.lax.top_k(pre, k)
     return jnp.put_along_axis(jnp.zeros_like(pre), idx, jax.nn.relu(vals), axis=-1, inplace=False)
 
 

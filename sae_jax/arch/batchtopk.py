@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from sae_jax.arch import Recipe, batch_topk, decode, pre_activations
 from sae_jax.loss import LossParts, auxk_error, squared_error
-from sae_jax.sae import Forward
+from sae_jax.sae import Forward, topk_code
 
 
 def forward(params, spec, x, k: int, dtype: str = "float32", per_token=False) -> Forward:
@@ -36,14 +36,8 @@ def forward(params, spec, x, k: int, dtype: str = "float32", per_token=False) ->
     pre = pre_activations(params, spec, x, dtype)
     f = batch_topk(pre, k)
     if per_token is not False:
-        f = jnp.where(per_token, token_topk(pre, k), f)
+        f = jnp.where(per_token, topk_code(pre, k), f)
     return Forward(decode(params, f, dtype), f, pre)
-
-
-def token_topk(pre: jax.Array, k: int) -> jax.Array:
-    """pre: [B, N] -> f [B, N]: each token's k largest of relu(pre) kept (topk's code)."""
-    vals, idx = jax.lax.top_k(pre, k)
-    return jnp.put_along_axis(jnp.zeros_like(pre), idx, jax.nn.relu(vals), axis=-1, inplace=False)
 
 
 def per_token_phase(ctx):
