@@ -208,17 +208,28 @@ def _relu_loss(wrt: Wrt, x, pre, idx, rows, *, l1_coefficient, dtype, encoder_gr
     return parts.loss, (Forward(x_hat, f, pre), parts)
 
 
+def _with_aux(wrt: Wrt, x, pre, idx, rows, aux, encoder_grad, dtype):
+    """`_active` over the main set idx [B, K] and AuxK's aux[1] [B, k_aux] (aux None: the main set only), one
+    call so W_enc's gradient is one product over their summed cotangents.
+
+    -> (vals [B, K (+ k_aux)], main rows [B, K, D], AuxK rows [B, k_aux, D] or None, pre's rows `rows` [R, N]).
+    """
+    W_enc, b_enc, W_dec, _ = wrt
+    if aux is None:
+        vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, None)
+        return vals, w_rows, None, pre_d
+    both = jnp.concatenate([idx, aux[1]], axis=-1)
+    vals, (main, aux_rows), pre_d = _active(x, W_enc, b_enc, W_dec, pre, both, rows, encoder_grad, dtype, idx.shape[1])
+    return vals, main, aux_rows, pre_d
+
+
 def _topk_loss(wrt: Wrt, x, pre, idx, aux, *, auxk_coefficient, dtype, encoder_grad):
     """topk's loss from its active set idx [B, k]; aux: None, or AuxK's (top values, idx) [B, k_aux] among dead latents.
 
-    One `_active` for both sets, so W_enc's gradient is one product over their summed cotangents.
+    Both sets through `_with_aux`: W_enc's gradient is one product over their summed cotangents.
     """
-    W_enc, b_enc, W_dec, b_dec = wrt
-    k, no_rows = idx.shape[1], jnp.zeros((0,), jnp.int32)
-    both = idx if aux is None else jnp.concatenate([idx, aux[1]], axis=-1)
-    split = None if aux is None else k
-    vals, w_rows, _ = _active(x, W_enc, b_enc, W_dec, pre, both, no_rows, encoder_grad, dtype, split)
-    main_rows, aux_rows = (w_rows, None) if aux is None else w_rows
+    b_dec, k = wrt[3], idx.shape[1]
+    vals, main_rows, aux_rows, _ = _with_aux(wrt, x, pre, idx, jnp.zeros((0,), jnp.int32), aux, encoder_grad, dtype)
     a = jax.nn.relu(vals[:, :k])
     x_hat = _decode(a, main_rows, dtype) + b_dec.astype(F32)
     recon, aux_err = squared_error(x, x_hat), jnp.zeros((), F32)
@@ -239,12 +250,9 @@ def _batchtopk_loss(
     latent of a sparse token. aux: as `_topk_loss`'s. prefixes: the nested sizes ending at N; the loss sums each
     prefix's reconstruction error (batchtopk: (N,)), group [lo, hi) decoded once from `lo <= idx < hi`.
     """
-    W_enc, b_enc, W_dec, b_dec = wrt
+    W_dec, b_dec = wrt[2], wrt[3]
     (B, N), K = pre.shape, idx.shape[1]
-    both = idx if aux is None else jnp.concatenate([idx, aux[1]], axis=-1)
-    split = None if aux is None else K
-    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, both, rows, encoder_grad, dtype, split)
-    main_rows, aux_rows = (w_rows, None) if aux is None else w_rows
+    vals, main_rows, aux_rows, pre_d = _with_aux(wrt, x, pre, idx, rows, aux, encoder_grad, dtype)
     sparse_tok = jnp.ones((B,), bool)
     if rows is not None and rows.shape[0]:
         sparse_tok = sparse_tok.at[rows].set(False)
