@@ -99,6 +99,13 @@ class SAEConfig:
         3e-3,
         "jumprelu: lambda_p of the pre-activation loss that revives dead latents (Anthropic, January 2025; SAELens).",
     )
+    jumprelu_pre_act_dead_only: bool = opt(False, "jumprelu: the pre-activation loss on dead latents only (SAELens).")
+    jumprelu_target_l0: float = opt(
+        0.0, "jumprelu: > 0: the sparsity term is lambda (L0 / target - 1)^2 (dictionary_learning); 0: lambda L0."
+    )
+    jumprelu_token_topk_frac: float = opt(
+        0.0, "jumprelu: fraction of training, at the start, coded per token (k largest, k = sae.k); theta trains."
+    )
 
     @property
     def n_latents(self) -> int:
@@ -107,7 +114,9 @@ class SAEConfig:
     def check(self, path: str) -> None:
         _positive(self, path, "d_in", "expansion", "dec_init_norm")
         _nonnegative(self, path, "hook_layer")
-        topk_family = self.architecture in ("topk", "batchtopk", "matryoshka")
+        topk_family = self.architecture in ("topk", "batchtopk", "matryoshka") or (
+            self.architecture == "jumprelu" and self.jumprelu_token_topk_frac > 0
+        )
         if topk_family:
             if self.k is None or not 0 < self.k <= self.n_latents:
                 raise ConfigError(

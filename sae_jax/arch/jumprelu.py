@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from sae_jax.arch import Recipe, decode, pre_activations, ramp
-from sae_jax.loss import LossParts, squared_error
-from sae_jax.sae import Forward
+from sae_jax.loss import LossParts, auxk_error, squared_error
+from sae_jax.sae import Forward, topk_code
 
 
 def rectangle(u: jax.Array) -> jax.Array:
@@ -67,22 +67,58 @@ def _step_bwd(eps, res, g):
 step.defvjp(_step_fwd, _step_bwd)
 
 
-def loss(params, spec, x, ctx):
+def _jump_terms(params, pre, theta, x, ctx):
+    """(f, x_hat, recon, sparsity, penalty): jumprelu's code of `pre` and its loss terms."""
     s, t = ctx.s, ctx.t
-    pre = pre_activations(params, spec, x, t.compute_dtype)
-    theta = params.threshold.astype(jnp.float32)
     f = jump(pre, theta, s.jumprelu_bandwidth)
-    out = Forward(decode(params, f, t.compute_dtype), f, pre)
-    x = x.astype(jnp.float32)
-    recon = squared_error(x, out.x_hat)
+    x_hat = decode(params, f, t.compute_dtype)
+    recon = squared_error(x, x_hat)
     dec_norms = jnp.linalg.norm(params.W_dec.astype(jnp.float32), axis=1)
     if s.jumprelu_sparsity == "tanh":
         sparsity = jnp.mean(jnp.sum(jnp.tanh(s.jumprelu_tanh_scale * f * dec_norms), axis=-1))
     else:
         sparsity = jnp.mean(jnp.sum(step(pre, theta, s.jumprelu_bandwidth), axis=-1))
-    total = recon + ramp(s.l0_coefficient, s.l0_warmup_frac, t.steps, ctx.step) * sparsity
+    penalty = sparsity
+    if s.jumprelu_target_l0 > 0:
+        penalty = (sparsity / s.jumprelu_target_l0 - 1.0) ** 2
+    return f, x_hat, recon, sparsity, ramp(s.l0_coefficient, s.l0_warmup_frac, t.steps, ctx.step) * penalty
+
+
+def loss(params, spec, x, ctx):
+    s, t = ctx.s, ctx.t
+    pre = pre_activations(params, spec, x, t.compute_dtype)
+    theta = params.threshold.astype(jnp.float32)
+    x = x.astype(jnp.float32)
+    f, x_hat, recon, sparsity, penalty = _jump_terms(params, pre, theta, x, ctx)
+    total = recon + penalty
+    if s.jumprelu_token_topk_frac > 0:
+        # Per-token phase: W and b learn from each token's k largest; theta learns jumprelu's loss on that W, b.
+        per_token = ctx.step < s.jumprelu_token_topk_frac * t.steps
+        f_tok = topk_code(pre, s.k)
+        x_hat_tok = decode(params, f_tok, t.compute_dtype)
+        # theta learns to separate each latent's kept from its dropped pre-activations (a hinge on each side).
+        p = jax.lax.stop_gradient(pre)
+        kept = f_tok > 0
+        miss = jnp.where(kept, jax.nn.relu(theta - p), jax.nn.relu(p - theta))
+        theta_fit = jnp.mean(jnp.sum(miss, axis=-1))
+        recon_tok = squared_error(x, x_hat_tok)
+        residual = jax.lax.stop_gradient(x - x_hat_tok)
+        aux = auxk_error(params, pre, residual, ctx.dead, t.auxk_k, t.compute_dtype, s.auxk_normalize)
+        recon_tok = recon_tok + t.auxk_coefficient * aux
+        total = jnp.where(per_token, recon_tok + theta_fit, total)
+        f = jnp.where(per_token, f_tok, f)
+        x_hat = jnp.where(per_token, x_hat_tok, x_hat)
+        recon = jnp.where(per_token, recon_tok, recon)
+    out = Forward(x_hat, f, pre)
     if s.jumprelu_pre_act_coefficient > 0:
-        total = total + s.jumprelu_pre_act_coefficient * jnp.mean(jax.nn.relu(theta - pre) @ dec_norms)
+        dec_norms = jnp.linalg.norm(params.W_dec.astype(jnp.float32), axis=1)
+        gap = jax.nn.relu(theta - pre)
+        if s.jumprelu_pre_act_dead_only:
+            gap = gap * ctx.dead
+        pre_act = s.jumprelu_pre_act_coefficient * jnp.mean(gap @ dec_norms)
+        if s.jumprelu_token_topk_frac > 0:
+            pre_act = jnp.where(per_token, 0.0, pre_act)
+        total = total + pre_act
     parts = LossParts(total, recon, sparsity, jnp.zeros((), jnp.float32))
     return parts.loss, (out, parts)
 
