@@ -34,6 +34,8 @@ SWEEPS = {
     "jumprelu": ("sae.l0_coefficient", [0.5, 1.0, 2.0, 4.0]),
     "matryoshka": ("sae.k", [3, 4, 5, 8]),
 }
+# Settings a recipe needs beside its sweep: realistic.yaml's jumprelu codes per token first, with k = 5.
+FIXED = {"jumprelu": ["sae.k=5"]}
 # SAELens's side: `saelens_runner.saelens_config` translates the config key by key (our relu is SAELens's
 # "standard", matryoshka its "matryoshka_batchtopk"); these are SAELens's own recipe choices laid over it, where
 # its defaults differ from ours: x - b_dec encoded, and the topk family's code taken on decoder-norm-rescaled
@@ -61,6 +63,7 @@ def point_config(arch: str, key: str, value, steps: int, run_dir: Path, sets: li
         sets
         + [
             f"sae.architecture={arch}",
+            *FIXED.get(arch, []),
             f"{key}={value}",
             f"train.steps={steps}",
             f"run.save_every={steps}",

@@ -1,7 +1,8 @@
 """jumprelu on configs/realistic.yaml: the test's run with overrides, over seeds; one line of scores per seed.
 
 python bench/jumprelu_search.py LABEL [--seeds 0,1] [--devices 4] [key=value ...]
-Seeds set train.seed and data.seed; 4 fake CPU devices by default, as tests/test_arch_recovery.py runs.
+Seeds set train.seed and data.seed; 4 fake CPU devices by default, as tests/test_arch_recovery.py runs. Each line
+is also appended to /tmp/jumprelu_search.log; bench/results/jumprelu-search.md is the search it ran (issue 13).
 """
 
 import argparse
@@ -33,8 +34,12 @@ for seed in [int(s) for s in a.seeds.split(",")]:
         ev = json.loads((Path(d) / "eval.json").read_text())
         g = ev["ground_truth"]
         vals = {
-            "rec": g["recovered"], "mcc": g["mcc"], "l0": ev["l0"], "fvu": 1 - ev["explained_variance"],
-            "dead": g["dead_fraction"], "shrink": g["shrinkage"],
+            "rec": g["recovered"],
+            "mcc": g["mcc"],
+            "l0": ev["l0"],
+            "fvu": 1 - ev["explained_variance"],
+            "dead": g["dead_fraction"],
+            "shrink": g["shrinkage"],
         }
         line = f"{a.label}\tseed {seed}\t" + "\t".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items()

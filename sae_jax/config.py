@@ -99,12 +99,10 @@ class SAEConfig:
         3e-3,
         "jumprelu: lambda_p of the pre-activation loss that revives dead latents (Anthropic, January 2025; SAELens).",
     )
-    jumprelu_pre_act_dead_only: bool = opt(False, "jumprelu: the pre-activation loss on dead latents only (SAELens).")
-    jumprelu_target_l0: float = opt(
-        0.0, "jumprelu: > 0: the sparsity term is lambda (L0 / target - 1)^2 (dictionary_learning); 0: lambda L0."
-    )
     jumprelu_token_topk_frac: float = opt(
-        0.0, "jumprelu: fraction of training, at the start, coded per token (k largest, k = sae.k); theta trains."
+        0.0,
+        "jumprelu: fraction of training, at the start, coded per token (each token's sae.k largest, AuxK, as topk) "
+        "while theta learns to separate each latent's kept from its dropped pre-activations; then jumprelu. 0: never.",
     )
 
     @property
@@ -114,13 +112,13 @@ class SAEConfig:
     def check(self, path: str) -> None:
         _positive(self, path, "d_in", "expansion", "dec_init_norm")
         _nonnegative(self, path, "hook_layer")
-        topk_family = self.architecture in ("topk", "batchtopk", "matryoshka") or (
-            self.architecture == "jumprelu" and self.jumprelu_token_topk_frac > 0
-        )
-        if topk_family:
+        topk_family = self.architecture in ("topk", "batchtopk", "matryoshka")
+        token_phase = self.architecture == "jumprelu" and self.jumprelu_token_topk_frac > 0
+        if topk_family or token_phase:
             if self.k is None or not 0 < self.k <= self.n_latents:
+                why = " with sae.jumprelu_token_topk_frac > 0" if token_phase else ""
                 raise ConfigError(
-                    f"{path}.k: expected 1 <= k <= N = {self.n_latents} for {self.architecture}, found {self.k}"
+                    f"{path}.k: expected 1 <= k <= N = {self.n_latents} for {self.architecture}{why}, found {self.k}"
                 )
         elif self.k is not None:
             raise ConfigError(f"{path}.k: expected unset for architecture {self.architecture!r}, found {self.k}")
@@ -134,6 +132,7 @@ class SAEConfig:
         _in_unit(self, path, "l0_warmup_frac")
         _in_unit(self, path, "batchtopk_threshold_lr")
         _in_unit(self, path, "batchtopk_token_topk_frac")
+        _in_unit(self, path, "jumprelu_token_topk_frac")
         sizes = self.matryoshka_prefixes
         if not all(isinstance(m, int) and not isinstance(m, bool) for m in sizes) or sizes != sorted(set(sizes)):
             raise ConfigError(f"{path}.matryoshka_prefixes: expected strictly increasing integers, found {sizes}")

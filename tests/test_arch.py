@@ -273,6 +273,49 @@ def test_jumprelu_threshold_gradient_is_the_papers_formula():
     np.testing.assert_array_equal(np.asarray(grads.W_enc), 0)  # H passes no gradient to pre
 
 
+def ref_jumprelu_token_phase_loss(p, x, ctx):
+    """Each token's K largest kept, as topk (recon + alpha AuxK), theta's hinge to that code, the pre-act loss."""
+    pre = x @ p.W_enc + p.b_enc
+    a = jax.nn.relu(pre)
+    f = jnp.where(a >= sg(jnp.sort(a, axis=-1)[:, -K][:, None]), a, 0.0)
+    x_hat = f @ p.W_dec + p.b_dec
+    aux = ref_auxk(p, pre, sg(x - x_hat), ctx.dead, ctx.t.auxk_k)
+    th, held = p.threshold, sg(pre)
+    hinge = jnp.mean(jnp.sum(jnp.where(f > 0, jax.nn.relu(th - held), jax.nn.relu(held - th)), -1))
+    P = jnp.mean(jax.nn.relu(th - pre) @ jnp.linalg.norm(p.W_dec, axis=1))
+    recon = jnp.mean(jnp.sum((x_hat - x) ** 2, -1))
+    return recon + ctx.t.auxk_coefficient * aux + hinge + ctx.s.jumprelu_pre_act_coefficient * P
+
+
+JUMPRELU_PHASE = ("sae.jumprelu_token_topk_frac=0.5", f"sae.k={K}", "sae.jumprelu_pre_act_coefficient=0.3")
+
+
+def test_jumprelu_token_phase_codes_k_per_token_then_jumprelu():
+    """sae.jumprelu_token_topk_frac 0.5 of 100 steps: steps 0..49 train on each token's K largest, 50.. on jumprelu."""
+    cfg, spec, p, x, ctx = setup("jumprelu", *JUMPRELU_PHASE)
+    pre = np_pre(p, x)
+    a = np.maximum(pre, 0)
+    per_token = np.where(a >= np.sort(a, axis=1)[:, -K][:, None], a, 0)
+    jumped = np.where(pre > np.asarray(p.threshold), pre, 0)
+    for step, want in ((0, per_token), (49, per_token), (50, jumped)):
+        (_, (out, parts)), _ = arch.value_and_grad(p, spec, x, ctx._replace(step=jnp.int32(step)))
+        np.testing.assert_allclose(np.asarray(out.f), want, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+        # parts.sparsity: the L0 jumprelu gives at this theta, in either phase
+        np.testing.assert_allclose(float(parts.sparsity), np.mean((jumped != 0).sum(1)), rtol=1e-6)
+    assert not np.array_equal(per_token > 0, jumped > 0)  # the two codes differ here
+
+
+def test_jumprelu_token_phase_gradients_equal_reference():
+    cfg, spec, p, x, ctx = setup("jumprelu", *JUMPRELU_PHASE, "sae.jumprelu_bandwidth=0.2")
+    for step, ref_loss in ((0, ref_jumprelu_token_phase_loss), (50, lambda q, x, c: ref_jumprelu_loss(q, x, c, "l0"))):
+        c = ctx._replace(step=jnp.int32(step))
+        (loss, _), grads = arch.value_and_grad(p, spec, x, c)
+        want_loss, want = jax.value_and_grad(lambda q: ref_loss(q, x, c))(p)
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5, err_msg=f"step {step}")
+        assert_grads_close(grads, want)
+        assert np.count_nonzero(np.asarray(grads.threshold)) > N // 4
+
+
 # --- config ---------------------------------------------------------------------------
 
 
@@ -286,6 +329,11 @@ def test_jumprelu_threshold_gradient_is_the_papers_formula():
         (["sae.architecture=matryoshka", "sae.k=2", "sae.matryoshka_prefixes=[4, 32768]"], "expected sizes in [k, N"),
         (["sae.matryoshka_prefixes=4"], "sae.matryoshka_prefixes: expected a list"),
         (["sae.batchtopk_token_topk_frac=1.5"], "sae.batchtopk_token_topk_frac: expected 0 <= value <= 1"),
+        (
+            ["sae.architecture=jumprelu", "sae.jumprelu_token_topk_frac=0.8"],
+            "sae.k: expected 1 <= k <= N = 32768 for jumprelu with sae.jumprelu_token_topk_frac > 0",
+        ),
+        (["sae.jumprelu_token_topk_frac=1.5"], "sae.jumprelu_token_topk_frac: expected 0 <= value <= 1"),
         (["sae.architecture=gated"], "sae.architecture: expected 'relu' or 'topk'"),
     ],
 )

@@ -41,6 +41,13 @@ RECIPES = {
         "train.auxk_k": 4,
         "sae.batchtopk_token_topk_frac": 0.8,
     },
+    # jumprelu coded per token for the first 80%: the resumed part crosses the switch at 24.
+    "jumprelu-token-phase": {
+        "sae.architecture": "jumprelu",
+        "sae.k": 2,
+        "train.auxk_k": 4,
+        "sae.jumprelu_token_topk_frac": 0.8,
+    },
     "topk-unit": {
         "sae.architecture": "topk",
         "sae.k": 2,

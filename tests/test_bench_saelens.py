@@ -46,7 +46,7 @@ CASES = {
     "relu": ["train.l1_coefficient=1"],
     "topk": ["sae.k=3"],
     "batchtopk": ["sae.k=3"],
-    "jumprelu": ["sae.l0_coefficient=0.5"],
+    "jumprelu": ["sae.l0_coefficient=0.5", "sae.k=3"],  # k: realistic.yaml's per-token phase (ours only)
 }
 
 
