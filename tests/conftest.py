@@ -29,11 +29,14 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # Most tests run programs of a few hundred FLOPs that XLA compiles for seconds: they compile with LLVM's optimizer
-# off (--xla_backend_optimization_level=0; the same semantics, about 35% less compile time, slower code). Modules
-# whose programs run long (training to recovery, harvesting from a model) carry `pytestmark = pytest.mark.full_xla`
-# and compile as users' runs do, as do every subprocess, every function jitted at import time and every jit made
-# inside a trace (JAX takes compiler options on top-level jits only). SAE_JAX_TEST_FULL_XLA=1: all compile fully.
-QUICK_XLA = {"xla_backend_optimization_level": 0}
+# off (--xla_backend_optimization_level=0) and XLA:CPU's older loop emitters instead of its MLIR fusion emitters
+# (--xla_cpu_use_fusion_emitters=false): the same semantics, slower code, half the compile time (four of
+# test_sparse's train steps: 6.2 CPU s to compile with the optimizer off alone, 3.0 s with both; test_sparse and
+# test_precision together 114 -> 61 CPU s). Modules whose programs run long (training to recovery, harvesting from a
+# model) carry `pytestmark = pytest.mark.full_xla` and compile as users' runs do, as do every subprocess, every
+# function jitted at import time and every jit made inside a trace (JAX takes compiler options on top-level jits
+# only). SAE_JAX_TEST_FULL_XLA=1: all compile fully.
+QUICK_XLA = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 _tracing = getattr(jax._src.core, "trace_state_clean", None)  # private: without it, everything compiles fully
 
 
