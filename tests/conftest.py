@@ -17,6 +17,17 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_platforms", "cpu")
 
+# Subprocesses (command-line, crash, multi-process tests) compile as the quick modules below do, through XLA_FLAGS.
+# XLA reads XLA_FLAGS once, when the backend starts: the backend starts here on the flags this session began with
+# (kept for the xdist workers, which inherit the environment), and only then do the children's flags go in.
+_BASE_FLAGS = os.environ.setdefault("SAE_JAX_TEST_BASE_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = _BASE_FLAGS
+jax.devices()
+CHILD_XLA_FLAGS = _BASE_FLAGS
+if not os.environ.get("SAE_JAX_TEST_FULL_XLA"):
+    CHILD_XLA_FLAGS += " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = CHILD_XLA_FLAGS.strip()
+
 # One XLA compilation cache for the run, shared by the xdist workers (they inherit the variable): the many tiny runs
 # compile the same programs again and again. In-process only: JAX writes entries in place, so a subprocess killed or
 # stopped by a file-size limit mid-write would leave a truncated entry that warns on stderr where tests read it.

@@ -76,7 +76,7 @@ def launch(argv: list[str], logs: Path, codes: tuple[int, int] = (0, 0)) -> list
         k: v for k, v in os.environ.items() if "_proxy" not in k.lower()
     }  # gRPC to localhost must not go through one
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
         JAX_NUM_PROCESSES="2",
