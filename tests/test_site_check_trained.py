@@ -5,6 +5,8 @@ sibling release: one layer apart. An SAE trained at one of two adjacent sites
 must be named as fitting that one. Sparse codes (k = 16 of D = 128) matter: an
 SAE with L0 above D reconstructs any neighbouring residual as well as its own.
 
+75 steps of 1024 tokens put the right site ahead by 0.0136 / 0.0126 EV (input / output); 60, 100 and 150
+steps by 0.0128 / 0.0118, 0.0138 / 0.0127 and 0.0135 / 0.013: the margin is there from early on.
 Both SAEs train on the same text, so the module harvests it once: one forward through layers 0..9 reads layer 9's
 input and output together (`llama.residuals`), and each training takes its site's half (`one_forward`).
 """
@@ -84,12 +86,12 @@ def trained_config(demo, out, layer, site):
             "sae.k=16",
             f"sae.hook_layer={layer}",
             f"sae.hook_site={site}",
-            "train.steps=150",
+            "train.steps=75",
             "train.lr=2e-3",
             "train.lr_warmup_steps=10",
             "train.scale_batches=2",
             "train.auxk_k=64",
-            "run.save_every=150",
+            "run.save_every=75",
             "run.log_every=50",
             "run.eval_every=0",
             "run.eval_batches=0",
