@@ -2,7 +2,7 @@
 synthetic ground truth, trained by sae-jax and by SAELens's own trainers on the same batches; FVU-vs-L0 and
 MCC-vs-L0 in one PNG, the numbers as JSON and a markdown table, and both sides compared at matched L0.
 
-    python bench/frontier.py --out runs/frontier            # the full sweep, both sides (an hour or so on 2 CPU cores)
+    python bench/frontier.py --out runs/frontier            # the full sweep, both sides (~10 min on 2 loaded CPU cores)
     python bench/frontier.py --out runs/frontier --quick    # the middle two values of each sweep
     python bench/frontier.py --out runs/frontier --reuse    # keep the finished runs in --out, train the rest
 
@@ -27,12 +27,15 @@ sys.path.insert(0, str(ROOT))
 REALISTIC = ROOT / "configs" / "realistic.yaml"  # the set tests/test_arch_recovery.py trains on
 
 # What each architecture sweeps: (key, values). Everything else is the config's.
-SWEEPS = {
+SWEEPS = {  # the top-k family up to k = 16: SAELens's jumprelu at lambda 0.25 lands at L0 14, past relu alone there
     "relu": ("train.l1_coefficient", [1.0, 1.5, 2.0, 3.0]),
-    "topk": ("sae.k", [3, 4, 5, 8]),
-    "batchtopk": ("sae.k", [3, 4, 5, 8]),
-    "jumprelu": ("sae.l0_coefficient", [0.5, 1.0, 2.0, 4.0]),
-    "matryoshka": ("sae.k", [3, 4, 5, 8]),
+    "topk": ("sae.k", [3, 4, 5, 8, 16]),
+    "batchtopk": ("sae.k", [3, 4, 5, 8, 16]),
+    # realistic.yaml's jumprelu: the per-token phase at k = 5 starts every point near L0 5 and lambda sets where the
+    # last 20% takes it; 0.25-4 spread ours over held-out L0 7.1, 4.9, 3.6, 2.8, 2.0 (seed 0: no bunching) and
+    # SAELens's plain jumprelu over 14.2, 6.3, 3.7, 2.6, 1.8.
+    "jumprelu": ("sae.l0_coefficient", [0.25, 0.5, 1.0, 2.0, 4.0]),
+    "matryoshka": ("sae.k", [3, 4, 5, 8, 16]),
 }
 # Settings a recipe needs beside its sweep: realistic.yaml's jumprelu codes per token first, with k = 5.
 FIXED = {"jumprelu": ["sae.k=5"]}
@@ -53,6 +56,7 @@ TORCH_THREADS = (
     "2-core machine)"
 )
 MATCH = 0.1  # matched L0: within +-10%
+GAP = 2.1  # at_l0 interpolates between sweep points at most this ratio of L0 apart (k 8 -> 16: 2x)
 
 
 def point_config(arch: str, key: str, value, steps: int, run_dir: Path, sets: list[str]):
@@ -177,7 +181,8 @@ def table(points: list[dict]) -> str:
 
 
 def matched(points: list[dict], tol: float = MATCH) -> list[dict]:
-    """At each SAELens point's L0 (+-tol), the best FVU and the best MCC of each side among the points there.
+    """At each SAELens point's L0 (+-tol), the best FVU and the best MCC of each side among the points there, and
+    each side's best FVU interpolated at that L0 (`at_l0`).
 
     Windows holding the same points as the previous one are left out."""
     rows, seen = [], set()
@@ -191,20 +196,53 @@ def matched(points: list[dict], tol: float = MATCH) -> list[dict]:
         row = {"l0": anchor}
         for s, ps in sides.items():
             row[s] = {"fvu": min(ps, key=lambda p: p["fvu"]), "mcc": max(ps, key=lambda p: p["mcc"])}
+        row["at_l0"] = {s: at_l0(points, s, anchor) for s in SIDES}
         rows.append(row)
     return rows
+
+
+def at_l0(points: list[dict], side: str, l0: float, tol: float = MATCH, gap: float = GAP) -> dict | None:
+    """`side`'s best FVU at exactly `l0`, {"arch", "fvu"}, or None when no architecture's sweep reaches `l0`.
+
+    Each architecture's FVU is interpolated linearly in log L0 between its two sweep points around `l0` when they
+    are at most `gap` times apart (SAELens's jumprelu falls from FVU 0.12 at L0 6.3 to 0.03 at 14: no chord spans
+    that); FVU is convex in log L0 in these sweeps, so the chord is an upper bound. Just above an architecture's
+    last point (within `tol`) that point's FVU stands, again an upper bound since FVU falls as L0 rises. A +-10%
+    window can hold points whose L0 differs by 20%, and FVU falls ~8% per 10% of L0 here: this compares both sides
+    at one L0."""
+    import math
+
+    best = None
+    for arch in dict.fromkeys(p["arch"] for p in points):
+        ps = sorted((p for p in points if p["side"] == side and p["arch"] == arch), key=lambda p: p["l0"])
+        fvu = None
+        if ps and ps[-1]["l0"] <= l0 <= ps[-1]["l0"] * (1 + tol):
+            fvu = ps[-1]["fvu"]
+        for lo, hi in zip(ps, ps[1:]):
+            if lo["l0"] <= l0 <= hi["l0"] and lo["l0"] < hi["l0"] <= gap * lo["l0"]:
+                t = math.log(l0 / lo["l0"]) / math.log(hi["l0"] / lo["l0"])
+                fvu = lo["fvu"] + t * (hi["fvu"] - lo["fvu"])
+        if fvu is not None and (best is None or fvu < best["fvu"]):
+            best = {"arch": arch, "fvu": fvu}
+    return best
 
 
 def matched_table(rows: list[dict], tol: float = MATCH) -> str:
     def cell(p, metric):
         return f"{p[metric]:.4f} ({p['arch']} {setting(p, short=True)}, L0 {p['l0']:.1f})"
 
+    def interpolated(r):
+        return " / ".join(
+            "-" if r["at_l0"][s] is None else f"{r['at_l0'][s]['fvu']:.4f} ({r['at_l0'][s]['arch']})" for s in SIDES
+        )
+
     out = [
-        f"| L0 window (a SAELens point's +-{tol:.0%}) | sae-jax best FVU | SAELens best FVU | sae-jax best MCC | SAELens best MCC |",
-        "|---|---|---|---|---|",
+        f"| L0 window (a SAELens point's +-{tol:.0%}) | sae-jax best FVU | SAELens best FVU | sae-jax best MCC "
+        "| SAELens best MCC | FVU at the SAELens point's L0, interpolated: sae-jax / SAELens |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = [cell(r[side][m], m) for m in ("fvu", "mcc") for side in SIDES]
+        cells = [cell(r[side][m], m) for m in ("fvu", "mcc") for side in SIDES] + [interpolated(r)]
         out.append(f"| {r['l0'] * (1 - tol):.2f}-{r['l0'] * (1 + tol):.2f} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -215,6 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=800, help="steps per run: the token budget is steps * batch_size")
     ap.add_argument("--arch", nargs="*", default=list(SWEEPS), choices=list(SWEEPS))
     ap.add_argument("--quick", action="store_true", help="the middle two values of each sweep")
+    ap.add_argument(
+        "--values", nargs="+", type=float, metavar="V", help="only these values of each --arch's sweep (one point: 8)"
+    )
     ap.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override, every run"
     )
@@ -234,7 +275,8 @@ def main(argv=None) -> int:
     points, t0 = [], time.perf_counter()
     for arch in args.arch:
         key, values = SWEEPS[arch]
-        for v in values[1:3] if args.quick else values:
+        values = values[1:3] if args.quick else values
+        for v in [v for v in values if args.values is None or v in args.values]:
             for s in SIDES:
                 p = run_point(s, args.out, arch, key, v, args.steps, args.sets, trains[s], args.reuse)
                 if p is not None:
