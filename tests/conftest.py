@@ -43,28 +43,65 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # off (--xla_backend_optimization_level=0) and XLA:CPU's older loop emitters instead of its MLIR fusion emitters
 # (--xla_cpu_use_fusion_emitters=false): the same semantics, slower code, half the compile time (four of
 # test_sparse's train steps: 6.2 CPU s to compile with the optimizer off alone, 3.0 s with both; test_sparse and
-# test_precision together 114 -> 61 CPU s). Modules whose programs run long (training to recovery, harvesting from a
-# model) carry `pytestmark = pytest.mark.full_xla` and compile as users' runs do, as do every subprocess, every
-# function jitted at import time and every jit made inside a trace (JAX takes compiler options on top-level jits
-# only). SAE_JAX_TEST_FULL_XLA=1: all compile fully.
+# test_precision together 114 -> 61 CPU s). The options go into every compilation this process makes while such a
+# module runs (JAX's private `pxla.create_compile_options`, through which every jitted program is compiled; without
+# it, everything compiles fully). Modules whose programs run long (training to recovery, harvesting from a model)
+# carry `pytestmark = pytest.mark.full_xla` and compile as users' runs do, with JAX's in-memory caches cleared first
+# so that no quick executable is reused there. SAE_JAX_TEST_FULL_XLA=1: all compile fully.
 QUICK_XLA = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-_tracing = getattr(jax._src.core, "trace_state_clean", None)  # private: without it, everything compiles fully
+_QUICK = [False]  # whether the running module compiles quick
+_pxla = jax._src.interpreters.pxla
+_create_compile_options = getattr(_pxla, "create_compile_options", None)
+
+
+def _compile_options(computation, tuple_args, to_inputs, to_outputs, backend, devices, compiler_options):
+    options = QUICK_XLA | dict(compiler_options) if _QUICK[0] else compiler_options
+    return _create_compile_options(computation, tuple_args, to_inputs, to_outputs, backend, devices, options)
+
+
+if _create_compile_options is not None:
+    _pxla.create_compile_options = _compile_options
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _quick_xla(request):
-    with pytest.MonkeyPatch.context() as mp:
-        quick = request.node.get_closest_marker("full_xla") is None and not os.environ.get("SAE_JAX_TEST_FULL_XLA")
-        if quick and _tracing is not None:
-            jit = jax.jit
-            mp.setattr(
-                jax, "jit", lambda *a, **kw: jit(*a, **({"compiler_options": QUICK_XLA} | kw if _tracing() else kw))
-            )
-        yield
+    quick = request.node.get_closest_marker("full_xla") is None and not os.environ.get("SAE_JAX_TEST_FULL_XLA")
+    if not quick and _QUICK[0]:
+        jax.clear_caches()
+    _QUICK[0] = quick
+    yield
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "full_xla: compile with XLA's full optimisation (programs that run long)")
+
+
+# The modules that take longest, longest first (CPU seconds, 2026-12-06: 57 ... 14). `make test` hands whole
+# modules to the xdist workers in collection order (--dist loadfile --no-loadscope-reorder): started first, the long
+# ones cannot be the last to finish while the other worker sits idle. The rest keep their order, after these.
+SLOWEST = (
+    "test_arch_recovery",
+    "test_readme",
+    "test_sparse",
+    "test_train_run",
+    "test_site_check_trained",
+    "test_multihost",
+    "test_sharding",
+    "test_precision",
+    "test_crash_kill",
+    "test_llama_source",
+    "test_arch_train",
+    "test_train_cli",
+    "test_evaluate_cli",
+    "test_torch_parity",
+    "test_arch",
+    "test_filesystem",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(SLOWEST)))
 
 
 @pytest.fixture(scope="session")
