@@ -69,6 +69,15 @@ def _rounded(a: jax.Array, dtype) -> jax.Array:
     return a.astype(dtype).astype(F32)
 
 
+def _materialised_T(x: jax.Array) -> jax.Array:
+    """x: [B, D] -> x.T [D, B] written out row-major (a small copy), as `_transposed` writes its transpose.
+
+    XLA:CPU otherwise reads x strided inside x^T @ dpre, whose GEMM then runs outside its XNNPACK path: at the
+    release shape (B=256, D=2048, N=32768) 394-424 ms against 329-356 ms, the same bits (bench/step_parts.py).
+    """
+    return jax.lax.optimization_barrier(x.T.reshape(-1)).reshape(x.shape[::-1])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
 def _active(x, W_enc, b_enc, W_dec, pre, idx, rows, xrows, xidx, encoder_grad, dtype, split):
     """x: [B, D], pre: [B, N] (= x @ W_enc + b_enc, computed once), idx: [B, K], rows: [R] or None (all B),
@@ -112,7 +121,7 @@ def _active_bwd(encoder_grad, dtype, split, res, cot):
             db_enc = db_enc.at[xidx.reshape(-1)].add(g_xvals.reshape(-1))
             dpre = dpre.at[xrows[:, None], xidx].add(g_xvals)
             sets.append((xidx, g_xrows))
-        dW_enc = jnp.matmul(x.astype(dtype).T, dpre.astype(dtype), preferred_element_type=F32)
+        dW_enc = jnp.matmul(_materialised_T(x.astype(dtype)), dpre.astype(dtype), preferred_element_type=F32)
         for i, g in sets:
             dW_dec = dW_dec.at[i.reshape(-1)].add(g.reshape(-1, D))
         return None, dW_enc, db_enc, dW_dec, None, None, None, None, None
