@@ -135,7 +135,7 @@ def jax_phases(w: dict, x: np.ndarray, dead: np.ndarray, arch: str) -> dict:
         if rows is not None:
             dpre = dpre.at[rows].add(g_dense)
         dpre = dpre.at[jnp.arange(B)[:, None], jnp.concatenate(sets, -1)].add(g_vals)
-        return x.T @ dpre
+        return sparse._materialised_T(x) @ dpre
 
     rng = np.random.default_rng(2)
     g = jnp.asarray(rng.standard_normal((B, D), dtype=np.float32))
