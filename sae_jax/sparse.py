@@ -14,10 +14,12 @@ and that transpose cost more than the GEMM they save (bench/sae_step.py).
 
 ReLU is sparse by token: the `k_max` largest pre-activations of a token hold
 all its positive ones whenever it has at most `k_max`. The few tokens above
-that budget go through the dense formulas, as `n_rows` static rows of the
-batch (the tokens with the most active latents); only when more than `n_rows`
-tokens exceed the budget does the whole step run dense (`route`). Every path
-is exact: a fresh ReLU SAE, with about N/2 active latents, simply runs dense.
+that budget are `n_rows` static rows of the batch (the tokens with the most
+active latents): taken from their own `ROW_BUDGET_FACTOR * k_max` largest
+pre-activations while every token has at most that many active, through the
+dense formulas otherwise; only when more than `n_rows` tokens exceed the
+budget does the whole step run dense (`route`). Every path is exact: a fresh
+ReLU SAE, with about N/2 active latents, simply runs dense.
 
 BatchTopK (batchtopk, matryoshka) keeps the B*k largest positive
 pre-activations of the whole batch, so a token's count varies as relu's does:
@@ -39,6 +41,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sae_jax.arch import batch_topk
 from sae_jax.loss import LossParts, matmul, normalized_by_variance, squared_error
@@ -50,6 +53,10 @@ F32 = jnp.float32
 Wrt = tuple  # (W_enc [D, N] ("matmul") or W_enc^T [N, D] ("scatter"), b_enc [N], W_dec [N, D], b_dec [D])
 # Budget of dense rows for relu's tokens above k_max, as a fraction of the batch (at least 1 row).
 DENSE_ROWS_FRACTION = 1 / 16
+# relu's rows over k_max go sparse too, from their ROW_BUDGET_FACTOR * k_max largest pre-activations, while every
+# token has at most that many active: three [R, N] x [N, D] products (each a pass over W_dec) and W_dec's norms made
+# 0.36 of 1.53 s of the release step (loaded 2-core CPU, bench/step_parts.py); densely only past that.
+ROW_BUDGET_FACTOR = 4
 
 
 def dense_rows(batch: int) -> int:
@@ -62,11 +69,22 @@ def _rounded(a: jax.Array, dtype) -> jax.Array:
     return a.astype(dtype).astype(F32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, split):
-    """x: [B, D], pre: [B, N] (= x @ W_enc + b_enc, computed once), idx: [B, K], rows: [R] or None (all B)
+def _materialised_T(x: jax.Array) -> jax.Array:
+    """x: [B, D] -> x.T [D, B] written out row-major (a small copy), as `_transposed` writes its transpose.
 
-    -> (pre at idx [B, K], W_dec's rows at idx [B, K, D], pre's rows `rows` [R, N]).
+    XLA:CPU otherwise reads x strided inside x^T @ dpre, whose GEMM then runs outside its XNNPACK path: at the
+    release shape (B=256, D=2048, N=32768) 394-424 ms against 329-356 ms, the same bits (bench/step_parts.py).
+    """
+    return jax.lax.optimization_barrier(x.T.reshape(-1)).reshape(x.shape[::-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _active(x, W_enc, b_enc, W_dec, pre, idx, rows, xrows, xidx, encoder_grad, dtype, split):
+    """x: [B, D], pre: [B, N] (= x @ W_enc + b_enc, computed once), idx: [B, K], rows: [R] or None (all B),
+    xrows: [R'] tokens with their own active set xidx: [R', K'] (R' = 0: none; "matmul" only)
+
+    -> (pre at idx [B, K], W_dec's rows at idx [B, K, D], pre's rows `rows` [R, N], pre at (xrows, xidx) [R', K'],
+    W_dec's rows at xidx [R', K', D]).
     W_enc and b_enc enter only through their gradient; `pre` carries none. idx
     may repeat a latent within a token (main and AuxK sets): cotangents add.
     split: None, or s: the rows as two gathers, ([B, s, D], [B, K - s, D]) (main and AuxK sets), so that
@@ -76,19 +94,21 @@ def _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, split):
     # idx and rows come from top_k: always in range.
     take = lambda i: jnp.take(W_dec, i, axis=0, mode="clip")
     w_rows = take(idx) if split is None else (take(idx[:, :split]), take(idx[:, split:]))
-    return jnp.take_along_axis(pre, idx, axis=-1, mode="clip"), w_rows, dense
+    xvals = pre[xrows[:, None], xidx] if xidx.size else jnp.zeros(xidx.shape, F32)
+    vals = jnp.take_along_axis(pre, idx, axis=-1, mode="clip")
+    return vals, w_rows, dense, xvals, take(xidx)
 
 
-def _active_fwd(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, split):
-    out = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, split)
-    return out, (x, idx, rows, jax.ShapeDtypeStruct(W_dec.shape, W_dec.dtype))
+def _active_fwd(x, W_enc, b_enc, W_dec, pre, idx, rows, xrows, xidx, encoder_grad, dtype, split):
+    out = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, xrows, xidx, encoder_grad, dtype, split)
+    return out, (x, idx, rows, xrows, xidx, jax.ShapeDtypeStruct(W_dec.shape, W_dec.dtype))
 
 
 def _active_bwd(encoder_grad, dtype, split, res, cot):
-    """(g_vals [B, K], g_rows [B, K, D] (or `split`'s two), g_dense [R, N]) -> (None, dW_enc, db_enc [N], dW_dec
-    [N, D], None x 3)."""
-    x, idx, rows, w = res
-    g_vals, g_rows, g_dense = cot
+    """(g_vals [B, K], g_rows [B, K, D] (or `split`'s two), g_dense [R, N], g_xvals [R', K'], g_xrows [R', K', D])
+    -> (None, dW_enc, db_enc [N], dW_dec [N, D], None x 5)."""
+    x, idx, rows, xrows, xidx, w = res
+    g_vals, g_rows, g_dense, g_xvals, g_xrows = cot
     (N, D), B, flat = w.shape, x.shape[0], idx.reshape(-1)
     # (indices, rows' cotangents) of each gather.
     sets = [(idx, g_rows)] if split is None else [(idx[:, :split], g_rows[0]), (idx[:, split:], g_rows[1])]
@@ -96,11 +116,17 @@ def _active_bwd(encoder_grad, dtype, split, res, cot):
     if encoder_grad == "matmul":
         dpre = g_dense if rows is None else jnp.zeros((B, N), F32).at[rows].add(g_dense)
         dpre = dpre.at[jnp.arange(B)[:, None], idx].add(g_vals)
-        dW_enc = jnp.matmul(x.astype(dtype).T, dpre.astype(dtype), preferred_element_type=F32)
         dW_dec = jnp.zeros((N, D), F32)
+        if xidx.size:
+            db_enc = db_enc.at[xidx.reshape(-1)].add(g_xvals.reshape(-1))
+            dpre = dpre.at[xrows[:, None], xidx].add(g_xvals)
+            sets.append((xidx, g_xrows))
+        dW_enc = jnp.matmul(_materialised_T(x.astype(dtype)), dpre.astype(dtype), preferred_element_type=F32)
         for i, g in sets:
             dW_dec = dW_dec.at[i.reshape(-1)].add(g.reshape(-1, D))
-        return None, dW_enc, db_enc, dW_dec, None, None, None
+        return None, dW_enc, db_enc, dW_dec, None, None, None, None, None
+    if xidx.size:
+        raise ValueError("sparse._active: rows with their own active set take encoder_grad 'matmul' only")
     # One scatter of [2, D] windows: row n of dW_dec and of dW_enc^T side by side.
     xg = _rounded(g_vals, dtype)[..., None] * _rounded(x, dtype)[:, None, :]
     both, lo = jnp.zeros((N, 2, D), F32), 0
@@ -111,7 +137,7 @@ def _active_bwd(encoder_grad, dtype, split, res, cot):
     if g_dense.shape[0]:
         x_rows = x if rows is None else jnp.take(x, rows, axis=0)
         dW_encT = dW_encT + jnp.matmul(g_dense.astype(dtype).T, x_rows.astype(dtype), preferred_element_type=F32)
-    return None, dW_encT, db_enc, both[:, 0], None, None, None
+    return None, dW_encT, db_enc, both[:, 0], None, None, None, None, None
 
 
 _active.defvjp(_active_fwd, _active_bwd)
@@ -180,19 +206,32 @@ def sparse_token_fraction(path: jax.Array, batch: int, n_rows: int) -> jax.Array
     return jnp.array([1.0, 1.0 - n_rows / batch, 0.0], F32)[path]
 
 
-def _relu_loss(wrt: Wrt, x, pre, idx, rows, *, l1_coefficient, dtype, encoder_grad):
-    """relu's loss: tokens `rows` ([R], None for all) densely, the others from their active set idx [B, K]."""
+def _relu_loss(wrt: Wrt, x, pre, idx, rows, extra=None, *, l1_coefficient, dtype, encoder_grad):
+    """relu's loss: tokens `rows` ([R], None for all) densely, the others from their active set idx [B, K].
+
+    extra: None, or (xrows [R'], xidx [R', K']): tokens xrows from their own active set xidx instead of idx.
+    """
     W_enc, b_enc, W_dec, b_dec = wrt
     B, N = pre.shape
-    vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, None)
+    xrows, xidx = extra if extra is not None else (jnp.zeros((0,), jnp.int32), jnp.zeros((0, 0), jnp.int32))
+    vals, w_rows, pre_d, xvals, xw_rows = _active(
+        x, W_enc, b_enc, W_dec, pre, idx, rows, xrows, xidx, encoder_grad, dtype, None
+    )
     sparse_tok = jnp.ones((B,), bool)
-    if rows is not None and rows.shape[0]:
-        sparse_tok = sparse_tok.at[rows].set(False)
+    for r in (rows, xrows):
+        if r is not None and r.shape[0]:
+            sparse_tok = sparse_tok.at[r].set(False)
     a = jnp.where(sparse_tok[:, None], jax.nn.relu(vals), 0.0)
     x_hat = _decode(a, w_rows, dtype)
+    norms = lambda w: jnp.sqrt(jnp.sum(jnp.square(w.astype(F32)), axis=-1))
     # sum_i f_i |W_dec,i| over the active set only: f is zero elsewhere (and on the dense rows).
-    penalty = jnp.sum(a * jnp.sqrt(jnp.sum(jnp.square(w_rows.astype(F32)), axis=-1)))
+    penalty = jnp.sum(a * norms(w_rows))
     f = dense_codes(idx, a, N)
+    if xidx.size:
+        ax = jax.nn.relu(xvals)
+        x_hat = x_hat.at[xrows].add(_decode(ax, xw_rows, dtype))
+        penalty = penalty + jnp.sum(ax * norms(xw_rows))
+        f = f.at[xrows[:, None], xidx].set(ax)
     if pre_d.shape[0]:
         f_d = jax.nn.relu(pre_d)
         dec_d = matmul(f_d, W_dec, dtype)
@@ -208,6 +247,9 @@ def _relu_loss(wrt: Wrt, x, pre, idx, rows, *, l1_coefficient, dtype, encoder_gr
     return parts.loss, (Forward(x_hat, f, pre), parts)
 
 
+_NO_EXTRA = (np.zeros((0,), np.int32), np.zeros((0, 0), np.int32))  # `_active`'s xrows, xidx: none
+
+
 def _with_aux(wrt: Wrt, x, pre, idx, rows, aux, encoder_grad, dtype):
     """`_active` over the main set idx [B, K] and AuxK's aux[1] [B, k_aux] (aux None: the main set only), one
     call so W_enc's gradient is one product over their summed cotangents.
@@ -216,10 +258,14 @@ def _with_aux(wrt: Wrt, x, pre, idx, rows, aux, encoder_grad, dtype):
     """
     W_enc, b_enc, W_dec, _ = wrt
     if aux is None:
-        vals, w_rows, pre_d = _active(x, W_enc, b_enc, W_dec, pre, idx, rows, encoder_grad, dtype, None)
+        vals, w_rows, pre_d, _, _ = _active(
+            x, W_enc, b_enc, W_dec, pre, idx, rows, *_NO_EXTRA, encoder_grad, dtype, None
+        )
         return vals, w_rows, None, pre_d
     both = jnp.concatenate([idx, aux[1]], axis=-1)
-    vals, (main, aux_rows), pre_d = _active(x, W_enc, b_enc, W_dec, pre, both, rows, encoder_grad, dtype, idx.shape[1])
+    vals, (main, aux_rows), pre_d, _, _ = _active(
+        x, W_enc, b_enc, W_dec, pre, both, rows, *_NO_EXTRA, encoder_grad, dtype, idx.shape[1]
+    )
     return vals, main, aux_rows, pre_d
 
 
@@ -357,5 +403,19 @@ def sparse_value_and_grad(
         return jax.lax.cond(jnp.any(dead), lambda: topk(True), lambda: topk(False))
     if spec.architecture != "relu":
         raise ValueError(f"sae.architecture: the sparse kernel expected relu or topk, found {spec.architecture!r}")
-    relu = lambda idx, rows: run(lambda w: _relu_loss(w, x, pre, idx, rows, l1_coefficient=l1_coefficient, **common))
-    return jax.lax.switch(route(pre, k_max, n_rows)[0], _paths(pre, k_max, n_rows, relu))
+    relu = lambda idx, rows, extra=None: run(
+        lambda w: _relu_loss(w, x, pre, idx, rows, extra, l1_coefficient=l1_coefficient, **common)
+    )
+    paths, path = _paths(pre, k_max, n_rows, relu), route(pre, k_max, n_rows)[0]
+    k_rows = min(ROW_BUDGET_FACTOR * k_max, N)
+    if scatter or k_rows <= k_max:
+        return jax.lax.switch(path, paths)
+
+    def rows_sparse():
+        """Path 1 with the fullest tokens from their own k_rows largest pre-activations."""
+        rows = jax.lax.top_k(active_counts(pre), n_rows)[1]
+        idx = jax.lax.top_k(pre, k_max)[1]
+        return relu(idx, jnp.zeros((0,), jnp.int32), (rows, jax.lax.top_k(pre[rows], k_rows)[1]))
+
+    fits = jnp.max(active_counts(pre)) <= k_rows
+    return jax.lax.switch(jnp.where((path == 1) & fits, 3, path), paths + [rows_sparse])

@@ -199,7 +199,8 @@ def kernel_metrics(codes: jax.Array, spec: SAESpec, t: TrainConfig, s: SAEConfig
     kernel_sparse: 1 when the sparse kernel is compiled in. sparse_token_fraction:
     the tokens its sparse path took. relu, batchtopk and matryoshka add dense_fallback
     (1: the whole step ran dense, more than `sparse.dense_rows` tokens were over sparse_k_max)
-    and over_budget_fraction (the tokens over sparse_k_max, each handled densely).
+    and over_budget_fraction (the tokens over sparse_k_max, each handled apart: relu's from its own larger active
+    set while it fits `sparse.ROW_BUDGET_FACTOR` * sparse_k_max, densely otherwise).
     Logged, these three are means over the steps since the last line: the fraction
     of tokens that went sparse, of steps that fell back to dense, of tokens over budget.
     """

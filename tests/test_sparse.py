@@ -12,7 +12,9 @@ a bf16 step; measured <= 3e-6, asserted TOL_BF16 = 1e-4.
 
 Batches: "normal" N(0, 1) tokens (at most 7 of N = 128 latents active), and
 "mixed", where 3 tokens of 64 have 3x the norm and 20-40 active latents: with
-k_max = 12 those go through the dense rows and the rest stays sparse.
+k_max = 12 those go through relu's rows over the budget (from their own
+`sparse.ROW_BUDGET_FACTOR` * k_max = 48 largest; "-dense-rows" cases set the
+factor to 1, so the same rows go dense) and the rest stays sparse.
 
 batchtopk and matryoshka (prefixes 16, 64, 128) against their recipes
 (`sae_jax.arch`, differentiated by JAX), same TOL and TOL_BF16: measured
@@ -111,6 +113,15 @@ CASES = {  # name: (arch, extra config, b_enc shift, dead_every, mixed batch, re
     ),
     "relu-many-over": ("relu", {"train.sparse_k_max": 2}, -1.0, 0, False, 2),
     "relu-some-over-bf16": ("relu", {"train.sparse_k_max": 12, "train.compute_dtype": "bfloat16"}, -1.0, 0, True, 1),
+    "relu-some-over-dense-rows": ("relu", {"train.sparse_k_max": 12}, -1.0, 0, True, 1),
+    "relu-some-over-dense-rows-bf16": (
+        "relu",
+        {"train.sparse_k_max": 12, "train.compute_dtype": "bfloat16"},
+        -1.0,
+        0,
+        True,
+        1,
+    ),
     "topk-dead": ("topk", {}, 0.0, 3, True, None),
     "topk-dead-scatter": ("topk", {"train.sparse_encoder_grad": "scatter"}, 0.0, 3, True, None),
     "topk-dead-bf16": ("topk", {"train.compute_dtype": "bfloat16"}, 0.0, 3, True, None),
@@ -118,8 +129,10 @@ CASES = {  # name: (arch, extra config, b_enc shift, dead_every, mixed batch, re
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sparse_loss_and_gradients_equal_dense(case):
+def test_sparse_loss_and_gradients_equal_dense(case, monkeypatch):
     arch, extra, shift, dead_every, mixed, path = CASES[case]
+    if "dense-rows" in case:
+        monkeypatch.setattr(sparse, "ROW_BUDGET_FACTOR", 1)
     x, tol = batch(mixed=mixed), TOL_BF16 if "bf16" in case else TOL
     dense_cfg = config(arch, "dense", **extra)
     state = state_with(dense_cfg, shift, dead_every)
@@ -133,8 +146,9 @@ def test_sparse_loss_and_gradients_equal_dense(case):
         k_max = sparse_cfg.train.sparse_k_max
         assert int(sparse.route(out.pre, k_max, ROWS)[0]) == path
         assert 4 <= counts.max() and parts.sparsity > 0
-        if path == 1:  # some tokens over the budget, most under it
+        if path == 1:  # some tokens over the budget, most under it; within the rows' own budget unless dense
             assert 1 <= (counts > k_max).sum() <= ROWS and (counts <= k_max).sum() >= B - ROWS
+            assert (counts.max() <= sparse.ROW_BUDGET_FACTOR * k_max) == ("dense-rows" not in case)
         m = trainer.kernel_metrics(out.pre, spec_from_config(sparse_cfg), sparse_cfg.train)
         assert float(m["over_budget_fraction"]) * B == (counts > k_max).sum()
         assert (float(m["dense_fallback"]), float(m["sparse_token_fraction"])) == [(0, 1), (0, 1 - ROWS / B), (1, 0)][
@@ -239,6 +253,7 @@ def test_auxk_and_prefixes_are_in_the_sparse_recipe_gradient():
 TRAIN_CASES = {  # name: (arch, extra config)
     "relu-some-over": ("relu", {"train.sparse_k_max": 12}),
     "relu-some-over-bf16": ("relu", {"train.sparse_k_max": 12, "train.compute_dtype": "bfloat16"}),
+    "relu-some-over-dense-rows": ("relu", {"train.sparse_k_max": 12}),
     "topk-dead": ("topk", {"train.dead_tokens": 3 * B}),
     "topk-dead-bf16": ("topk", {"train.dead_tokens": 3 * B, "train.compute_dtype": "bfloat16"}),
     "batchtopk-some-over": ("batchtopk", {"train.sparse_k_max": 20, "train.dead_tokens": 3 * B}),
@@ -251,12 +266,14 @@ TRAIN_CASES = {  # name: (arch, extra config)
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
-def test_sparse_training_follows_dense_for_8_steps(case):
+def test_sparse_training_follows_dense_for_8_steps(case, monkeypatch):
     """Params after 8 steps on mixed batches; topk with dead_tokens = 3 batches, so AuxK switches on from step 4.
 
     batchtopk and matryoshka: AuxK the same way, k_max = 20 leaves 2-4 tokens over it each step (dense rows), and
     the running threshold (set from the step's code after the update) is compared too."""
     arch, extra = TRAIN_CASES[case]
+    if "dense-rows" in case:
+        monkeypatch.setattr(sparse, "ROW_BUDGET_FACTOR", 1)
     tol = TOL_BF16 if "bf16" in case else TOL
     params, metrics = {}, {}
     for kernel in ("dense", "sparse"):
