@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/sae-jax train --config configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf runs/demo demo

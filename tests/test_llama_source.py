@@ -13,8 +13,6 @@ from sae_jax.data.demo_chats import write_demo_chats
 from sae_jax.llama.tiny import write_tiny_checkpoint
 from sae_jax.run import train
 
-pytestmark = pytest.mark.full_xla  # long-running programs: compiled as users' runs are (conftest.py)
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
