@@ -19,7 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # importing sae_lens must not reac
 import numpy as np
 import pytest
 import torch
-from sae_lens import SAE as LensSAE
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,6 +64,8 @@ def test_runner_scores_what_saelens_own_forward_computes(tmp_path, arch):
         TINY + CASES[arch] + [f"sae.architecture={arch}", f"run.out_dir={tmp_path}"],
     )
     ev = saelens_runner.train_saelens(cfg, tmp_path)
+
+    from sae_lens import SAE as LensSAE
 
     lens = LensSAE.load_from_disk(str(tmp_path / "sae"))
     x = held_out(cfg)

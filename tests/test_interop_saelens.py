@@ -17,19 +17,28 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # importing sae_lens must not reach for the hub
 
 import dataclasses
+import importlib
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import sae_lens
 import torch
-from sae_lens import SAE as LensSAE
-from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from sae_lens import SAE as LensSAE
 
 from sae_jax.formats import SAEFormatError, load_sae, save_sae
 from sae_jax.formats.common import metadata_of
 from sae_jax.sae import SAE, SAEParams, SAESpec, decode, encode
+
+
+def lens(module: str = ""):
+    """sae_lens (or its submodule), imported at first use: importing it takes 3.4 s, which collecting this file on
+    every xdist worker would otherwise cost each of them."""
+    return importlib.import_module("sae_lens" + (f".{module}" if module else ""))
+
 
 D, N, K = 16, 64, 6
 META = {
@@ -55,8 +64,8 @@ def inputs(b_dec: torch.Tensor, seed: int = 1) -> np.ndarray:
 
 def lens_sae(arch: str, dtype=torch.float32, seed: int = 0, apply_b_dec: bool = True, **cfg) -> LensSAE:
     """A SAELens inference SAE of `arch` with random weights (a random threshold / gate where it has one)."""
-    cls, cfg_cls = sae_lens.registry.get_sae_class(arch)
-    meta = SAEMetadata(**META)
+    cls, cfg_cls = lens().registry.get_sae_class(arch)
+    meta = lens("saes.sae").SAEMetadata(**META)
     sae = cls(cfg_cls(d_in=D, d_sae=N, dtype="float32", apply_b_dec_to_input=apply_b_dec, metadata=meta, **cfg))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -130,7 +139,7 @@ def test_saelens_files_compute_here_what_saelens_computes(tmp_path, case):
     assert (ours.spec.hook_layer, ours.spec.hook_site, ours.spec.dtype) == (9, "input", "float32")
     assert ours.spec.architecture == {"standard": "relu", "topk": "topk"}.get(CASES[case]["arch"], "jumprelu")
     assert ours.spec.apply_b_dec_to_input == CASES[case].get("apply_b_dec", True)
-    assert_same_function(ours, LensSAE.load_from_disk(tmp_path / "sl"), inputs(ref.b_dec.detach()))
+    assert_same_function(ours, lens().SAE.load_from_disk(tmp_path / "sl"), inputs(ref.b_dec.detach()))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -139,14 +148,16 @@ def test_saelens_bfloat16_and_float64_files(tmp_path, dtype):
     ref.save_model(tmp_path / "sl")
     ours = load_sae(tmp_path / "sl")
     assert ours.spec.dtype == ("bfloat16" if dtype == torch.bfloat16 else "float32")  # float64: one rounding
-    wide = LensSAE.load_from_disk(tmp_path / "sl", dtype="float32" if dtype == torch.bfloat16 else "float64")
+    wide = lens().SAE.load_from_disk(tmp_path / "sl", dtype="float32" if dtype == torch.bfloat16 else "float64")
     assert_same_function(ours, wide, inputs(ref.b_dec.detach().float()))
 
 
 def test_batchtopk_saved_for_inference_as_jumprelu(tmp_path):
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 
-    train = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=K, metadata=SAEMetadata(**META)))
+    train = BatchTopKTrainingSAE(
+        BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=K, metadata=lens("saes.sae").SAEMetadata(**META))
+    )
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in train.parameters():
@@ -157,7 +168,7 @@ def test_batchtopk_saved_for_inference_as_jumprelu(tmp_path):
     assert json.loads((tmp_path / "sl" / "cfg.json").read_text())["architecture"] == "jumprelu"
     ours = load_sae(tmp_path / "sl")
     assert ours.spec.architecture == "jumprelu" and np.all(np.asarray(ours.params.threshold) == np.float32(0.4))
-    assert_same_function(ours, LensSAE.load_from_disk(tmp_path / "sl"), inputs(train.b_dec.detach()))
+    assert_same_function(ours, lens().SAE.load_from_disk(tmp_path / "sl"), inputs(train.b_dec.detach()))
 
 
 def our_sae(architecture: str, *, scale: float = 1.0, apply_b_dec: bool = True, seed: int = 0) -> SAE:
@@ -195,7 +206,7 @@ def our_sae(architecture: str, *, scale: float = 1.0, apply_b_dec: bool = True, 
 def test_our_saes_compute_in_saelens_what_they_compute_here(tmp_path, architecture, scale, apply_b_dec):
     ours = our_sae(architecture, scale=scale, apply_b_dec=apply_b_dec)
     save_sae(ours, tmp_path / "sl", "saelens")
-    theirs = LensSAE.load_from_disk(tmp_path / "sl")
+    theirs = lens().SAE.load_from_disk(tmp_path / "sl")
     assert theirs.cfg.architecture() == {"relu": "standard"}.get(architecture, architecture)
     assert theirs.cfg.apply_b_dec_to_input == apply_b_dec
     assert {k: theirs.cfg.metadata[k] for k in META} == META  # read as a 6.x file: metadata kept
@@ -209,7 +220,7 @@ def test_metadata_survives_saelens_to_jax_to_saelens(tmp_path):
     written = json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]
     assert metadata_of(load_sae(tmp_path / "jax").spec) == written
     save_sae(load_sae(tmp_path / "jax"), tmp_path / "back", "saelens")
-    back = LensSAE.load_from_disk(tmp_path / "back")
+    back = lens().SAE.load_from_disk(tmp_path / "back")
     assert back.cfg.metadata.to_dict() == ref.cfg.metadata.to_dict()  # sae_lens_version and all of META
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(back, name), getattr(ref, name)), name
@@ -244,7 +255,7 @@ def test_pre_6_0_spellings_read_as_saelens_reads_them(tmp_path):
         "finetuning_scaling_factor": False,
     }
     (tmp_path / "old" / "cfg.json").write_text(json.dumps(cfg))
-    ours, theirs = load_sae(tmp_path / "old"), LensSAE.load_from_disk(tmp_path / "old")
+    ours, theirs = load_sae(tmp_path / "old"), lens().SAE.load_from_disk(tmp_path / "old")
     assert (ours.spec.architecture, ours.spec.k, ours.spec.hook_layer, ours.spec.hook_site) == ("topk", K, 4, "output")
     theirs_meta = theirs.cfg.metadata.to_dict()
     assert metadata_of(ours.spec) == {k: v for k, v in theirs_meta.items() if not k.startswith("sae_lens")}
@@ -272,6 +283,6 @@ def test_bfloat16_export_with_a_scale_is_refused_not_rounded(tmp_path):
     assert str(e.value).startswith(f"{tmp_path / 'sl'}: input_scale: expected a fold bfloat16 holds exactly")
     assert str(e.value).endswith("found 2.5") and not (tmp_path / "sl").exists()
     save_sae(bf16, tmp_path / "sl", "saelens", dtype=jnp.float32)  # the remedy the message names
-    theirs = LensSAE.load_from_disk(tmp_path / "sl")
+    theirs = lens().SAE.load_from_disk(tmp_path / "sl")
     assert theirs.cfg.dtype == "float32"
     assert_same_function(bf16, theirs, inputs(torch.from_numpy(np.asarray(ours.params.b_dec)) / 2.5))

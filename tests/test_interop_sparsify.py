@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,13 +18,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from sparsify import SparseCoder, SparseCoderConfig
+
+if TYPE_CHECKING:
+    from sparsify import SparseCoder
 
 from sae_jax.formats import SAEFormatError, detect_format, load_sae, save_sae
 from sae_jax.formats.common import metadata_of
 from sae_jax.sae import SAE, SAEParams, SAESpec, decode, encode
 
 D, N, K = 16, 64, 6
+
+
+def sparsify():
+    """The sparsify package, imported at first use: importing it takes about 2 s, which collecting this file on every
+    xdist worker would otherwise cost each of them."""
+    import sparsify
+
+    return sparsify
 
 
 def massive_b_dec(g: torch.Generator) -> torch.Tensor:
@@ -38,7 +49,7 @@ def inputs(b_dec: torch.Tensor) -> np.ndarray:
 
 
 def coder(dtype=torch.float32, **cfg) -> SparseCoder:
-    sc = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K, **cfg), dtype=dtype)
+    sc = sparsify().SparseCoder(D, sparsify().SparseCoderConfig(num_latents=N, k=K, **cfg), dtype=dtype)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in sc.parameters():
@@ -88,7 +99,7 @@ def test_sparsify_folder_computes_here_what_sparsify_computes(tmp_path):
     s = ours.spec
     assert (s.architecture, s.k, s.d_in, s.n_latents, s.apply_b_dec_to_input) == ("topk", K, D, N, True)
     assert (s.hook_layer, s.hook_site, s.dtype) == (8, "output", "float32")  # layers.8: the output of layer 8
-    assert_same_function(ours, SparseCoder.load_from_disk(tmp_path / "layers.8"), inputs(sc.b_dec.detach()))
+    assert_same_function(ours, sparsify().SparseCoder.load_from_disk(tmp_path / "layers.8"), inputs(sc.b_dec.detach()))
 
 
 def test_sparsify_bfloat16_folder_keeps_its_dtype_and_bits(tmp_path):
@@ -99,7 +110,7 @@ def test_sparsify_bfloat16_folder_keeps_its_dtype_and_bits(tmp_path):
     W_enc = sc.encoder.weight.detach().T.contiguous().view(torch.int16).numpy()
     assert np.array_equal(np.asarray(ours.params.W_enc).view(np.int16), W_enc)
     save_sae(ours, tmp_path / "out" / "layers.3", "sparsify")
-    back = SparseCoder.load_from_disk(tmp_path / "out" / "layers.3")
+    back = sparsify().SparseCoder.load_from_disk(tmp_path / "out" / "layers.3")
     for (name, a), b in zip(sc.state_dict().items(), back.state_dict().values()):
         assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a.view(torch.int16), b.view(torch.int16)), name
 
@@ -115,7 +126,7 @@ def test_our_topk_sae_computes_in_sparsify_what_it_computes_here(tmp_path, apply
         b_enc = (b_enc - b_dec.astype(np.float64) @ W_enc).astype(np.float32)
     ours = SAE(SAEParams(*map(jnp.asarray, (W_enc, b_enc, W_dec, b_dec))), spec)
     save_sae(ours, tmp_path / "run" / "layers.8", "sparsify")
-    sc = SparseCoder.load_from_disk(tmp_path / "run" / "layers.8")
+    sc = sparsify().SparseCoder.load_from_disk(tmp_path / "run" / "layers.8")
     assert (sc.cfg.k, sc.num_latents, sc.d_in) == (K, N, D)
     assert_same_function(ours, sc, inputs(torch.from_numpy(b_dec)), exact_reference=not apply_b_dec)
     back = load_sae(tmp_path / "run" / "layers.8")  # our site and metadata come back too (sparsify drops them)
