@@ -6,7 +6,7 @@ latents, 800 steps of 512 tokens. Each recipe at its natural L0 (the true one is
 counts small activations), the yaml's training settings and the recipe's defaults otherwise. Measured (2-core
 CPU, seeds 0 / 1 of train.seed and data.seed): recovered at cos >= 0.9, MCC
   topk (unit-norm decoder, k = 5)        0.922 / 0.945   0.967 / 0.969
-  relu (L1 1.5, L0 ~18)                  0.898 / 0.914   0.955 / 0.957
+  relu (L1 1.75, L0 ~15)                 0.906 / 0.906   0.955 / 0.957   (seeds 2 / 3: 0.914 / 0.898)
   batchtopk (k = 5, per token first 80%) 0.945 / 0.922   0.961 / 0.961   (seeds 2 / 3: 0.914 / 0.922)
   matryoshka (same, prefix N/2)          0.938 / 0.906   0.961 / 0.959   (seeds 2 / 3: 0.930 / 0.945)
   jumprelu (k = 5 per token first 80%,  0.922 / 0.930   0.955 / 0.957   (seeds 2 / 3: 0.945 / 0.914; 4 / 5:
@@ -15,6 +15,8 @@ CPU, seeds 0 / 1 of train.seed and data.seed): recovered at cos >= 0.9, MCC
 sums became halving adds (sae_jax/sums.py). That change of float32 summation order alone moved relu from 0.914 /
 0.906 to 0.898 / 0.914, topk's seed 1 from 0.938 to 0.945, batchtopk's from 0.938 to 0.922 and matryoshka from
 0.922 / 0.891 to 0.938 / 0.906: one or two features either way is this set's run-to-run noise).
+relu stays within a feature of 0.9 at every L1 tried, seeds 0-3 (4 devices): 1.25: 0.898 / 0.906; 1.5: 0.898 /
+0.914 / 0.922 / 0.906; 1.75: 0.906 / 0.906 / 0.914 / 0.898; 2.0: 0.906 / 0.898 / 0.906 / 0.898.
 The features batchtopk, matryoshka and jumprelu missed are the weak ones (median typical magnitude 0.68 against 1.03
 overall; with magnitude_spread 0, batch-coded, they recover 0.922, 0.914 and 0.969), and topk, same k, finds them:
 a batch-wide budget (or jumprelu's per-latent threshold) gives a weak feature's places to the strong features of
@@ -47,7 +49,7 @@ pytestmark = pytest.mark.full_xla  # long-running programs: compiled as users' r
 REALISTIC = Path(__file__).resolve().parents[1] / "configs" / "realistic.yaml"
 CASES = {  # name: (settings, recovered >=, mcc >=)
     "topk": (["sae.architecture=topk", "sae.k=5", "sae.unit_norm_decoder=true"], 0.9, 0.95),
-    "relu": (["sae.architecture=relu", "train.l1_coefficient=1.5"], 0.88, 0.94),
+    "relu": (["sae.architecture=relu", "train.l1_coefficient=1.75"], 0.89, 0.94),
     "batchtopk": (["sae.architecture=batchtopk", "sae.k=5"], 0.91, 0.95),
     "matryoshka": (["sae.architecture=matryoshka", "sae.k=5"], 0.87, 0.95),
     "jumprelu": (["sae.architecture=jumprelu", "sae.k=5"], 0.9, 0.94),
