@@ -13,17 +13,19 @@ from sae_jax.run import train
 
 pytestmark = pytest.mark.full_xla  # long-running programs: compiled as users' runs are (conftest.py)
 
+# 300 steps at lr 6e-3 recover 0.998 / 1.000 / 0.998 (relu) and 0.992 / 0.990 / 0.990 (topk) of the true directions
+# over seeds 0 / 1 / 2 (data and init); 600 steps at 2e-3 gave 0.996 / 0.988 on seed 0 at twice the time.
 RECOVERY = [
     "sae.d_in=64",
     "sae.expansion=16",
     "data.batch_size=1024",
     "data.synthetic.n_features=512",
     "data.synthetic.active=8",
-    "train.steps=600",
-    "train.lr=2e-3",
+    "train.steps=300",
+    "train.lr=6e-3",
     "train.lr_warmup_steps=20",
     "train.dead_tokens=100000",
-    "run.save_every=600",
+    "run.save_every=300",
     "run.log_every=100",
 ]
 
