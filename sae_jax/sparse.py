@@ -206,6 +206,9 @@ def sparse_token_fraction(path: jax.Array, batch: int, n_rows: int) -> jax.Array
     return jnp.array([1.0, 1.0 - n_rows / batch, 0.0], F32)[path]
 
 
+_NO_EXTRA = (np.zeros((0,), np.int32), np.zeros((0, 0), np.int32))  # `_active`'s xrows, xidx: none
+
+
 def _relu_loss(wrt: Wrt, x, pre, idx, rows, extra=None, *, l1_coefficient, dtype, encoder_grad):
     """relu's loss: tokens `rows` ([R], None for all) densely, the others from their active set idx [B, K].
 
@@ -213,7 +216,7 @@ def _relu_loss(wrt: Wrt, x, pre, idx, rows, extra=None, *, l1_coefficient, dtype
     """
     W_enc, b_enc, W_dec, b_dec = wrt
     B, N = pre.shape
-    xrows, xidx = extra if extra is not None else (jnp.zeros((0,), jnp.int32), jnp.zeros((0, 0), jnp.int32))
+    xrows, xidx = extra if extra is not None else _NO_EXTRA
     vals, w_rows, pre_d, xvals, xw_rows = _active(
         x, W_enc, b_enc, W_dec, pre, idx, rows, xrows, xidx, encoder_grad, dtype, None
     )
@@ -245,9 +248,6 @@ def _relu_loss(wrt: Wrt, x, pre, idx, rows, extra=None, *, l1_coefficient, dtype
     recon, sparsity = squared_error(x, x_hat), penalty / B
     parts = LossParts(recon + l1_coefficient * sparsity, recon, sparsity, jnp.zeros((), F32))
     return parts.loss, (Forward(x_hat, f, pre), parts)
-
-
-_NO_EXTRA = (np.zeros((0,), np.int32), np.zeros((0, 0), np.int32))  # `_active`'s xrows, xidx: none
 
 
 def _with_aux(wrt: Wrt, x, pre, idx, rows, aux, encoder_grad, dtype):

@@ -73,6 +73,11 @@ def ramp(coefficient: float, frac: float, steps: int, step: jax.Array) -> jax.Ar
     return coefficient * r
 
 
+def opening_phase(frac: float, ctx) -> jax.Array | bool:
+    """[] bool: the step lies in the first `frac` of training (a per-token phase), or False when frac is 0."""
+    return ctx.step < frac * ctx.t.steps if frac > 0 else False
+
+
 def pre_activations(params: SAEParams, spec: SAESpec, x: jax.Array, dtype: str = "float32") -> jax.Array:
     """x: [B, D] scaled -> [B, N] float32; the pre-encoder bias (x - b_dec) when the spec asks for it."""
     x = x.astype(jnp.float32)

@@ -25,7 +25,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sae_jax.arch import Recipe, batch_topk, decode, pre_activations
+from sae_jax.arch import Recipe, batch_topk, decode, opening_phase, pre_activations
 from sae_jax.loss import LossParts, auxk_error, squared_error
 from sae_jax.sae import Forward, topk_code
 
@@ -42,8 +42,7 @@ def forward(params, spec, x, k: int, dtype: str = "float32", per_token=False) ->
 
 def per_token_phase(ctx):
     """[] bool: this step codes per token (`sae.batchtopk_token_topk_frac`), or False when the option is off."""
-    frac = ctx.s.batchtopk_token_topk_frac
-    return ctx.step < frac * ctx.t.steps if frac > 0 else False
+    return opening_phase(ctx.s.batchtopk_token_topk_frac, ctx)
 
 
 def with_auxk(params, x, out: Forward, recon, ctx) -> tuple[jax.Array, tuple[Forward, LossParts]]:

@@ -28,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sae_jax.arch import Recipe, decode, pre_activations, ramp
+from sae_jax.arch import Recipe, decode, opening_phase, pre_activations, ramp
 from sae_jax.loss import LossParts, auxk_error, squared_error
 from sae_jax.sae import Forward, topk_code
 
@@ -109,18 +109,12 @@ def _per_token_loss(params, pre, theta, x, ctx):
     return total, Forward(x_hat, f, pre), recon, l0, aux
 
 
-def per_token_phase(ctx):
-    """[] bool: this step codes per token (`sae.jumprelu_token_topk_frac`), or False when the option is off."""
-    frac = ctx.s.jumprelu_token_topk_frac
-    return ctx.step < frac * ctx.t.steps if frac > 0 else False
-
-
 def loss(params, spec, x, ctx):
     s, t = ctx.s, ctx.t
     pre = pre_activations(params, spec, x, t.compute_dtype)
     theta = params.threshold.astype(jnp.float32)
     x = x.astype(jnp.float32)
-    phase = per_token_phase(ctx)
+    phase = opening_phase(s.jumprelu_token_topk_frac, ctx)  # the per-token phase, or False
     if phase is False:
         total, out, recon, sparsity, aux = _jump_loss(params, pre, theta, x, ctx)
     else:
