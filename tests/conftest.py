@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import jax
 import pytest
@@ -104,12 +105,41 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.stem, len(SLOWEST)))
 
 
+# The offline Llama-3 tokenizer takes 1.1 s to load (its 9 MB tokenizer.json is parsed twice, by the Rust tokenizer
+# and by transformers), and the in-process tests asked for it 22 times (28.9 CPU s): each worker builds it once (in its
+# own cache folder, so the conversion runs too), the `tok` fixture is that object, and `load_tokenizer("llama3-offline")`
+# without a cache folder (the command lines, TextSource, the README's snippets) hands out the same one. The library
+# never changes a tokenizer it is given. Calls with their own cache_dir (test_tokenizer) load for real, as do the
+# command lines the tests start as subprocesses.
+_TOKENIZER: list = []
+
+
+def _shared_tokenizer(basetemp: Path):
+    if not _TOKENIZER:
+        from sae_jax.tokenizer import llama3_tokenizer
+
+        _TOKENIZER.append(llama3_tokenizer(basetemp / "sae_jax_cache"))
+    return _TOKENIZER[0]
+
+
 @pytest.fixture(scope="session")
 def tok(tmp_path_factory):
-    """The offline Llama-3 tokenizer (llama-models' tiktoken file), built once per session."""
-    from sae_jax.tokenizer import llama3_tokenizer
+    """The offline Llama-3 tokenizer (llama-models' tiktoken file), built once per worker."""
+    return _shared_tokenizer(tmp_path_factory.getbasetemp())
 
-    return llama3_tokenizer(tmp_path_factory.getbasetemp() / "sae_jax_cache")
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_tokenizer(tmp_path_factory):
+    from sae_jax import tokenizer
+
+    real = tokenizer.llama3_tokenizer
+
+    def shared(cache_dir=None):
+        return real(cache_dir) if cache_dir is not None else _shared_tokenizer(tmp_path_factory.getbasetemp())
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokenizer, "llama3_tokenizer", shared)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +149,29 @@ def ws(tmp_path_factory, tok):
     from sae_helpers import cli_workspace
 
     return cli_workspace(tmp_path_factory.mktemp("cli"), tok)
+
+
+@pytest.fixture(scope="module")
+def synthetic_once():
+    """Within the module, each synthetic batch is generated once: `SyntheticSource.next_batch` keeps what it returns
+    per (data config, width, batch size, seed, index) and hands out copies after. For modules whose runs train on the
+    same batches (test_arch_recovery: 5 recipes on one set; test_train_run), where the generator took 24 CPU s."""
+    from sae_jax.data.synthetic import SyntheticSource
+
+    memo, real = {}, SyntheticSource.next_batch
+
+    def next_batch(self):
+        key = (self.cfg, self.d_in, self.batch_size, self.seed, self.index)
+        if key in memo:
+            self.index += 1
+        else:
+            memo[key] = real(self)
+        return memo[key].copy()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SyntheticSource, "next_batch", next_batch)
+        yield
+    memo.clear()
 
 
 def pytest_unconfigure(config):

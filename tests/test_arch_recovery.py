@@ -44,7 +44,8 @@ import pytest
 from sae_jax.config import load_config
 from sae_jax.run import train
 
-pytestmark = pytest.mark.full_xla  # long-running programs: compiled as users' runs are (conftest.py)
+# Long-running programs: compiled as users' runs are; the runs share their batches (both in conftest.py).
+pytestmark = [pytest.mark.full_xla, pytest.mark.usefixtures("synthetic_once")]
 
 REALISTIC = Path(__file__).resolve().parents[1] / "configs" / "realistic.yaml"
 CASES = {  # name: (settings, recovered >=, mcc >=)

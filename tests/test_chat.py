@@ -5,7 +5,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sae_jax.chat import FRAME, ROLES, ChatFormatter, format_chat
-from sae_jax.tokenizer import llama3_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
@@ -25,11 +24,6 @@ CONVERSATIONS = [
     ],
     [{"role": "assistant", "content": "I start."}, {"role": "assistant", "content": "Twice."}],
 ]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return llama3_tokenizer(tmp_path_factory.getbasetemp() / "sae_jax_cache")  # shared by this session's modules
 
 
 def reference(tok, conv, prompt=False):

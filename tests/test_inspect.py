@@ -22,18 +22,12 @@ from sae_jax.inspect_features import (
 )
 from sae_jax.llama import load, residuals
 from sae_jax.sae import SAE, SAESpec, encode, init_params
-from sae_jax.tokenizer import llama3_tokenizer
 
 D, L = 64, 2
 CONVERSATION = [
     {"role": "user", "content": "What is a river?"},
     {"role": "assistant", "content": "A river is a natural stream of water.\nIt flows to the sea."},
 ]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return llama3_tokenizer(tmp_path_factory.getbasetemp() / "sae_jax_cache")  # shared by this session's modules
 
 
 @pytest.fixture(scope="module")

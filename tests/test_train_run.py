@@ -11,7 +11,8 @@ from sae_jax.config import load_config
 from sae_jax.data.synthetic import recovered_fraction, true_dictionary
 from sae_jax.run import train
 
-pytestmark = pytest.mark.full_xla  # long-running programs: compiled as users' runs are (conftest.py)
+# Long-running programs: compiled as users' runs are; the runs share their batches (both in conftest.py).
+pytestmark = [pytest.mark.full_xla, pytest.mark.usefixtures("synthetic_once")]
 
 # 300 steps at lr 6e-3 recover 0.998 / 1.000 / 0.998 (relu) and 0.992 / 0.990 / 0.990 (topk) of the true directions
 # over seeds 0 / 1 / 2 (data and init); 600 steps at 2e-3 gave 0.996 / 0.988 on seed 0 at twice the time.
