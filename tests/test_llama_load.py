@@ -85,6 +85,12 @@ def test_weight_table_is_exactly_the_model_parameters():
     table = weight_table(cfg)
     assert params == {s.path: s.shape for s in table.values()}
     assert len(table) == 2 + 9 * 3 + 1  # embed, norm, 9 per layer, lm_head
+    # load's skeleton (rngs=None): the same parameters and dtypes, zeros in place of the random weights.
+    skeleton = nnx.to_flat_state(nnx.state(Llama(cfg, rngs=None), nnx.Param))
+    shapes = {path: (v.shape, v.dtype) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert {path: (v.shape, v.dtype) for path, v in skeleton} == shapes
+    random = [np.asarray(v[...]) for path, v in skeleton if path[-1] != "weight"]  # the norms' weights are ones
+    assert len(random) == 7 * 3 + 2 and not any(a.any() for a in random)
 
 
 def test_sharded_checkpoint_loads_the_same_model(tmp_path, folder):

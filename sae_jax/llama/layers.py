@@ -21,8 +21,11 @@ from sae_jax.llama import rope
 from sae_jax.llama.config import LlamaConfig
 
 
-def random_weight(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
-    """A fresh weight, N(0, 0.02) as transformers initialises Llama; `load` overwrites it."""
+def random_weight(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype) -> nnx.Param:
+    """A fresh weight, N(0, 0.02) as transformers initialises Llama; zeros without `rngs` (`load`'s skeleton, whose
+    weights the file's replace: tracing the random init under `nnx.eval_shape` cost 4 ms a weight)."""
+    if rngs is None:
+        return nnx.Param(jnp.zeros(shape, dtype))
     return nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), shape, dtype))
 
 
@@ -78,7 +81,7 @@ class LayerCache:
 class Attention(nnx.Module):
     """Grouped-query attention with rope, optionally over a KV cache."""
 
-    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs | None):
         D, N, KV, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q = random_weight(rngs, (N * H, D), param_dtype)  # query head n uses KV head n // G
         self.k = random_weight(rngs, (KV * H, D), param_dtype)
@@ -110,7 +113,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU."""
 
-    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs | None):
         D, F = cfg.hidden_size, cfg.intermediate_size
         self.gate = random_weight(rngs, (F, D), param_dtype)
         self.up = random_weight(rngs, (F, D), param_dtype)
@@ -126,7 +129,7 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """One decoder layer: pre-norm attention, then pre-norm MLP, each added to the residual."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs | None):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)

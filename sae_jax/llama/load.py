@@ -100,8 +100,8 @@ def load(path: str | Path, dtype="float32") -> Llama:
     table = weight_table(cfg)
     files, listing = tensor_files(folder)
     check_tensors(table, files, listing)
-    # Abstract init: the module tree without allocating random weights that would be overwritten.
-    model = nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    # Abstract init: the module tree without allocating weights that would be overwritten.
+    model = nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=None))
     _check_table_covers(model, table)
     for file in sorted(set(files.values())):
         with safe_open(file, framework="numpy") as f:

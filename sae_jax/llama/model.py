@@ -31,13 +31,13 @@ PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class Llama(nnx.Module):
-    """The decoder. `load` builds one from a HF folder; the constructor gives random weights.
+    """The decoder. `load` builds one from a HF folder; the constructor gives random weights (zeros with rngs=None).
 
     dtype: the compute dtype; param_dtype: the random weights' dtype (`load` keeps the file's).
     Either may be a string, a numpy or a JAX dtype.
     """
 
-    def __init__(self, cfg: LlamaConfig, *, dtype="float32", param_dtype="bfloat16", rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype="float32", param_dtype="bfloat16", rngs: nnx.Rngs | None):
         dt = jnp.dtype(dtype_name(dtype, COMPUTE_DTYPES))
         pdt = jnp.dtype(dtype_name(param_dtype, PARAM_DTYPES, "param_dtype"))
         kw = dict(dtype=dt, param_dtype=pdt)
