@@ -27,6 +27,7 @@ jax.devices()
 CHILD_XLA_FLAGS = _BASE_FLAGS
 if not os.environ.get("SAE_JAX_TEST_FULL_XLA"):
     CHILD_XLA_FLAGS += " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+    CHILD_XLA_FLAGS += " --xla_cpu_parallel_codegen_split_count=1"
 os.environ["XLA_FLAGS"] = CHILD_XLA_FLAGS.strip()
 
 # One XLA compilation cache for the run, shared by the xdist workers (they inherit the variable): the many tiny runs
@@ -44,12 +45,18 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # off (--xla_backend_optimization_level=0) and XLA:CPU's older loop emitters instead of its MLIR fusion emitters
 # (--xla_cpu_use_fusion_emitters=false): the same semantics, slower code, half the compile time (four of
 # test_sparse's train steps: 6.2 CPU s to compile with the optimizer off alone, 3.0 s with both; test_sparse and
-# test_precision together 114 -> 61 CPU s). The options go into every compilation this process makes while such a
+# test_precision together 114 -> 61 CPU s), and as one LLVM module rather than split for parallel codegen
+# (--xla_cpu_parallel_codegen_split_count=1: with both cores busy the split only adds work; test_sparse,
+# test_precision and test_sharding 100.9 -> 89.3 CPU s). The options go into every compilation this process makes while such a
 # module runs (JAX's private `pxla.create_compile_options`, through which every jitted program is compiled; without
 # it, everything compiles fully). Modules whose programs run long (training to recovery, harvesting from a model)
 # carry `pytestmark = pytest.mark.full_xla` and compile as users' runs do, with JAX's in-memory caches cleared first
 # so that no quick executable is reused there. SAE_JAX_TEST_FULL_XLA=1: all compile fully.
-QUICK_XLA = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+QUICK_XLA = {
+    "xla_backend_optimization_level": 0,
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_cpu_parallel_codegen_split_count": 1,
+}
 _QUICK = [False]  # whether the running module compiles quick
 _pxla = jax._src.interpreters.pxla
 _create_compile_options = getattr(_pxla, "create_compile_options", None)
