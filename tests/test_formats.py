@@ -375,3 +375,14 @@ def test_formats_that_cannot_hold_an_architecture_refuse_it(tmp_path):
     with pytest.raises(SAEFormatError, match=r"threshold: expected >= 0 \(SAELens applies relu before the jump\)"):
         save_sae(negative, tmp_path / "sl", "saelens")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape", [(130, 70), (64, 1), (1, 200), (0, 5)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_transposed_is_a_t_bit_for_bit_in_row_blocks(shape, dtype):
+    a = np.random.default_rng(0).standard_normal(shape).astype(formats.common.np_dtype(dtype))
+    if a.size > 2:
+        a.flat[:3] = [-0.0, np.finfo(np.float32).smallest_normal / 4, np.inf]  # sign, subnormal, inf kept
+    out = formats.common.transposed(a, rows=64)
+    assert out.shape == shape[::-1] and out.dtype == a.dtype and out.flags.c_contiguous
+    assert out.tobytes() == np.ascontiguousarray(a.T).tobytes()

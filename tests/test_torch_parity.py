@@ -111,8 +111,9 @@ def setup(tmp_path_factory):
 def test_release_module_layout_loads(setup):
     m, sae, _ = setup
     assert sae.spec.architecture == "relu" and (sae.spec.d_in, sae.spec.n_latents) == (D, N)
-    assert np.array_equal(np.asarray(sae.params.W_enc), m.encoder.weight.detach().numpy().T)
-    assert np.array_equal(np.asarray(sae.params.W_dec), m.decoder.weight.detach().numpy().T)
+    for ours, weight in ((sae.params.W_enc, m.encoder.weight), (sae.params.W_dec, m.decoder.weight)):
+        ref = weight.detach().T.contiguous().numpy()  # torch's transposed copy (a strided compare: 1 s an array)
+        assert np.array_equal(np.asarray(ours), ref)
 
 
 def test_encode_decode_forward_match_torch(setup):

@@ -145,9 +145,14 @@ def metadata_text(where: str | Path, meta: Mapping[str, object] | None) -> str:
         raise error(where, "metadata", "JSON values", first_line(e)) from None
 
 
-def transposed(a: np.ndarray) -> np.ndarray:
-    """a.T as a fresh C-contiguous array (a copy in numpy, never through XLA)."""
-    return np.ascontiguousarray(a.T)
+def transposed(a: np.ndarray, rows: int = 64) -> np.ndarray:
+    """a.T [m, n] -> [n, m] as a fresh C-contiguous array: a copy in numpy, never through XLA (which flushes
+    subnormals on the CPU), `rows` rows of `a` at a time (one strided copy of the release's 32768 x 2048 float32
+    weight: 0.5-0.9 s, in blocks of 64 rows: 0.16 s)."""
+    out = np.empty(a.shape[::-1], a.dtype)
+    for i in range(0, a.shape[0], rows):
+        out[:, i : i + rows] = a[i : i + rows].T
+    return out
 
 
 def with_hook(where: str | Path, spec: SAESpec, hook_layer: int | None, hook_site: Site | None) -> SAESpec:
