@@ -84,26 +84,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "full_xla: compile with XLA's full optimisation (programs that run long)")
 
 
-# The modules that take longest, longest first (CPU seconds, 2026-12-06: 57 ... 14). `make test` hands whole
-# modules to the xdist workers in collection order (--dist loadfile --no-loadscope-reorder): started first, the long
-# ones cannot be the last to finish while the other worker sits idle. The rest keep their order, after these.
+# The modules that take longest, longest first (CPU seconds of the last full run, 2026-12-06: 46 ... 9.5). `make test`
+# hands whole modules to the xdist workers in collection order (--dist loadfile --no-loadscope-reorder): started
+# first, the long ones cannot be the last to finish while the other worker sits idle. The rest keep their order.
 SLOWEST = (
     "test_arch_recovery",
-    "test_readme",
     "test_sparse",
-    "test_train_run",
-    "test_site_check_trained",
+    "test_readme",
     "test_multihost",
-    "test_sharding",
+    "test_site_check_trained",
+    "test_train_run",
     "test_precision",
+    "test_sharding",
     "test_crash_kill",
-    "test_llama_source",
-    "test_arch_train",
     "test_train_cli",
-    "test_evaluate_cli",
-    "test_torch_parity",
-    "test_arch",
+    "test_arch_train",
     "test_filesystem",
+    "test_torch_parity",
+    "test_convert_cli",
+    "test_llama_source",
+    "test_llama_parity",
+    "test_evaluate_cli",
 )
 
 
