@@ -41,17 +41,17 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# Most tests run programs of a few hundred FLOPs that XLA compiles for seconds: they compile with LLVM's optimizer
-# off (--xla_backend_optimization_level=0) and XLA:CPU's older loop emitters instead of its MLIR fusion emitters
-# (--xla_cpu_use_fusion_emitters=false): the same semantics, slower code, half the compile time (four of
-# test_sparse's train steps: 6.2 CPU s to compile with the optimizer off alone, 3.0 s with both; test_sparse and
-# test_precision together 114 -> 61 CPU s), and as one LLVM module rather than split for parallel codegen
-# (--xla_cpu_parallel_codegen_split_count=1: with both cores busy the split only adds work; test_sparse,
-# test_precision and test_sharding 100.9 -> 89.3 CPU s). The options go into every compilation this process makes while such a
-# module runs (JAX's private `pxla.create_compile_options`, through which every jitted program is compiled; without
-# it, everything compiles fully). Modules whose programs run long (training to recovery, harvesting from a model)
-# carry `pytestmark = pytest.mark.full_xla` and compile as users' runs do, with JAX's in-memory caches cleared first
-# so that no quick executable is reused there. SAE_JAX_TEST_FULL_XLA=1: all compile fully.
+# Most tests run programs of a few hundred FLOPs that XLA compiles for seconds: they compile with LLVM's optimizer off
+# (--xla_backend_optimization_level=0) and XLA:CPU's older loop emitters instead of its MLIR fusion emitters
+# (--xla_cpu_use_fusion_emitters=false): the same semantics, slower code, half the compile time (four of test_sparse's
+# train steps: 6.2 CPU s to compile with the optimizer off alone, 3.0 s with both; test_sparse and test_precision
+# together 114 -> 61 CPU s), and as one LLVM module rather than split for parallel codegen
+# (--xla_cpu_parallel_codegen_split_count=1: with both cores busy the split only adds work; test_sparse, test_precision
+# and test_sharding 100.9 -> 89.3 CPU s). The options go into every compilation this process makes while such a module
+# runs (JAX's private `pxla.create_compile_options`, through which every jitted program is compiled; without it,
+# everything compiles fully). Modules whose programs run long (training to recovery, harvesting from a model) carry
+# `pytestmark = pytest.mark.full_xla` and compile as users' runs do, with JAX's in-memory caches cleared first so that
+# no quick executable is reused there. SAE_JAX_TEST_FULL_XLA=1: all compile fully.
 QUICK_XLA = {
     "xla_backend_optimization_level": 0,
     "xla_cpu_use_fusion_emitters": False,
@@ -113,9 +113,9 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.stem, len(SLOWEST)))
 
 
-# The offline Llama-3 tokenizer takes 1.1 s to load (its 9 MB tokenizer.json is parsed twice, by the Rust tokenizer
-# and by transformers), and the in-process tests asked for it 22 times (28.9 CPU s): each worker builds it once (in its
-# own cache folder, so the conversion runs too), the `tok` fixture is that object, and `load_tokenizer("llama3-offline")`
+# The offline Llama-3 tokenizer takes 1.1 s to load (its 9 MB tokenizer.json is parsed twice, by the Rust tokenizer and
+# by transformers), and the in-process tests asked for it 22 times (28.9 CPU s): each worker builds it once (in its own
+# cache folder, so the conversion runs too), the `tok` fixture is that object, and `load_tokenizer("llama3-offline")`
 # without a cache folder (the command lines, TextSource, the README's snippets) hands out the same one. The library
 # never changes a tokenizer it is given. Calls with their own cache_dir (test_tokenizer) load for real, as do the
 # command lines the tests start as subprocesses.
