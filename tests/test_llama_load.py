@@ -89,8 +89,8 @@ def test_weight_table_is_exactly_the_model_parameters():
     skeleton = nnx.to_flat_state(nnx.state(Llama(cfg, rngs=None), nnx.Param))
     shapes = {path: (v.shape, v.dtype) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert {path: (v.shape, v.dtype) for path, v in skeleton} == shapes
-    random = [np.asarray(v[...]) for path, v in skeleton if path[-1] != "weight"]  # the norms' weights are ones
-    assert len(random) == 7 * 3 + 2 and not any(a.any() for a in random)
+    zeroed = [np.asarray(v[...]) for path, v in skeleton if path[-1] != "weight"]  # the norms' weights are ones
+    assert len(zeroed) == 7 * 3 + 2 and not any(a.any() for a in zeroed)
 
 
 def test_sharded_checkpoint_loads_the_same_model(tmp_path, folder):
